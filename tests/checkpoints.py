@@ -96,7 +96,9 @@ def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int, _cach
 
     key = str(model_dir)
     if key not in _cache:
-        _cache[key] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        model.generation_config.eos_token_id = None  # generate() merges this in; we want no EOS stop
+        _cache[key] = model
     model = _cache[key]
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=False,
                            eos_token_id=None, pad_token_id=0)

@@ -36,7 +36,7 @@ def check_against_hf(path, prompts, outs, lengths):
 
 def test_single_request_every_architecture(arch_dir):
     llm = make_llm(arch_dir)
-    ids = prompts_for(llm.get_tokenizer(), 1, lo=30, hi=31)[0]
+    ids = prompts_for(llm.get_tokenizer(), 1, lo=30, hi=30)[0]
     (out,) = llm.generate([ids], greedy(24))
     assert out.outputs[0].finish_reason == "length"
     check_against_hf(arch_dir, [ids], [out], [24])
@@ -69,7 +69,7 @@ def test_preemption_forced_by_a_tiny_kv_pool(llama_dir):
 
 def test_prefix_cache_hits_give_identical_output(llama_dir):
     llm = make_llm(llama_dir, block_size=8)
-    ids = prompts_for(llm.get_tokenizer(), 1, lo=40, hi=41)[0]
+    ids = prompts_for(llm.get_tokenizer(), 1, lo=40, hi=40)[0]
     (first,) = llm.generate([ids], greedy(16))
     (again,) = llm.generate([ids], greedy(16))
     assert first.num_cached_tokens == 0
@@ -83,7 +83,7 @@ def test_prefix_cache_hits_give_identical_output(llama_dir):
 
 def test_prefix_caching_can_be_disabled(llama_dir):
     llm = make_llm(llama_dir, enable_prefix_caching=False)
-    ids = prompts_for(llm.get_tokenizer(), 1, lo=40, hi=41)[0]
+    ids = prompts_for(llm.get_tokenizer(), 1, lo=40, hi=40)[0]
     llm.generate([ids], greedy(4))
     (again,) = llm.generate([ids], greedy(4))
     assert again.num_cached_tokens == 0
@@ -91,7 +91,7 @@ def test_prefix_caching_can_be_disabled(llama_dir):
 
 def test_n_greater_than_one_shares_the_prompt(llama_dir):
     llm = make_llm(llama_dir, block_size=4)
-    ids = prompts_for(llm.get_tokenizer(), 1, lo=21, hi=22)[0]
+    ids = prompts_for(llm.get_tokenizer(), 1, lo=21, hi=21)[0]
     (out,) = llm.generate([ids], greedy(12, n=3))
     ref = hf_greedy(llama_dir, ids, 12)
     assert [c.index for c in out.outputs] == [0, 1, 2]
@@ -132,7 +132,7 @@ def test_text_and_chat_prompts(llama_dir):
 
 def test_eos_stops_generation_unless_ignored(llama_dir):
     llm = make_llm(llama_dir)
-    ids = prompts_for(llm.get_tokenizer(), 1, lo=12, hi=13)[0]
+    ids = prompts_for(llm.get_tokenizer(), 1, lo=12, hi=12)[0]
     ref = hf_greedy(llama_dir, ids, 10)
     (out,) = llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=10, stop_token_ids=[ref[4]]))
     assert out.outputs[0].token_ids == ref[:5]
@@ -142,7 +142,7 @@ def test_eos_stops_generation_unless_ignored(llama_dir):
 def test_stop_strings_are_found_across_tokens_and_excluded(llama_dir):
     llm = make_llm(llama_dir)
     tok = llm.get_tokenizer()
-    ids = prompts_for(tok, 1, lo=12, hi=13)[0]
+    ids = prompts_for(tok, 1, lo=12, hi=12)[0]
     (full,) = llm.generate([ids], greedy(30))
     text = full.outputs[0].text
     stop = text[len(text) // 2: len(text) // 2 + 4]
@@ -182,7 +182,7 @@ def test_logprobs_report_chosen_token_and_top_k(llama_dir):
 
 def test_bad_input_raises_typed_errors_and_engine_keeps_working(llama_dir):
     llm = make_llm(llama_dir, max_model_len=64)
-    good = prompts_for(llm.get_tokenizer(), 1, lo=10, hi=11)[0]
+    good = prompts_for(llm.get_tokenizer(), 1, lo=10, hi=10)[0]
     with pytest.raises(PromptTooLongError) as e:
         llm.generate([list(range(5, 75))], greedy(1))
     assert e.value.limit == 64 and e.value.value == 70 and "64" in str(e.value)

@@ -46,7 +46,7 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
-        if self.temperature < _GREEDY_EPS:
+        if 0.0 <= self.temperature < _GREEDY_EPS:
             self.temperature = 0.0
         self._validate()
 

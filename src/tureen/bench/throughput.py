@@ -91,6 +91,7 @@ def run_transformers(model_dir: str, dtype: str, work: Workload, batch_size: int
     torch_dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
                    "float16": torch.float16}[dtype]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
+    model.generation_config.eos_token_id = None  # generate() merges this in; every request runs its full length
     batches = [range(i, min(i + batch_size, len(work.prompts))) for i in range(0, len(work.prompts), batch_size)]
     _hf_batch(model, GenerationConfig, [work.prompts[0]], 2)  # warm-up
     start = time.perf_counter()
