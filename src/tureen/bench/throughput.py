@@ -95,7 +95,9 @@ def run_transformers(model_dir: str, dtype: str, work: Workload, batch_size: int
     batches = [range(i, min(i + batch_size, len(work.prompts))) for i in range(0, len(work.prompts), batch_size)]
     _hf_batch(model, GenerationConfig, [work.prompts[0]], 2)  # warm-up
     start = time.perf_counter()
-    with Progress(transient=False) as bar:
+    from rich.console import Console
+
+    with Progress(console=Console(stderr=True)) as bar:
         task = bar.add_task("transformers", total=len(work.prompts))
         for batch in batches:
             _hf_batch(model, GenerationConfig, [work.prompts[i] for i in batch], max(work.output_lens[i] for i in batch))

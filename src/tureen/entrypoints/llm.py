@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import sys
 from collections.abc import Sequence
@@ -106,7 +107,6 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
 
 
 def _final_only(params: SamplingParams) -> SamplingParams:
-    import dataclasses
     return dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
 
 
@@ -119,9 +119,10 @@ class _progress:
     def __enter__(self):
         if not self.enabled:
             return lambda tokens: None
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
         self.bar = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[tokens]} tokens"), TimeElapsedColumn(), transient=False)
+                            TextColumn("{task.fields[tokens]} tokens"), TimeElapsedColumn(), console=Console(stderr=True))
         self.bar.start()
         task = self.bar.add_task("gen", total=self.total, tokens=0)
         counted = [0]
