@@ -247,6 +247,10 @@ class LLMEngine:
             return None
         text_delta = sample.detok.take_delta(req.is_finished)
         sample.text += text_delta
+        late_stop = sample.detok.stop_reason  # a stop string only complete once held-back bytes flush
+        if late_stop is not None and req.status == RequestStatus.FINISHED_LENGTH:
+            req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, late_stop
+            finish_reason = req.status.finish_reason
         sample.num_tokens_sent = len(req.output_token_ids)
         sample.finish_sent = finish_reason is not None
         logprobs = None
