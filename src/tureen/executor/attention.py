@@ -1,0 +1,238 @@
+"""Paged attention on plain torch ops: runs on CPU and, unchanged, on CUDA.
+
+KV cache of one layer, one preallocated tensor::
+
+    kv_cache: (2, num_blocks, block_size, num_kv_heads, head_dim)
+               |      |           |
+               |      |           +-- offset of the token inside its block
+               |      +-- physical block id (what a request's block table lists)
+               +-- 0: keys, 1: values
+
+    slot = block_id * block_size + offset
+    kv_cache[0].view(num_blocks * block_size, num_kv_heads, head_dim)[slot] is one token's key.
+
+A request's token at position p lives in slot ``block_ids[p // block_size] * block_size + p % block_size``.
+A block (block_size * num_kv_heads * head_dim values) is contiguous, so gathering a request's
+context by block table copies large contiguous chunks.
+
+Step layout: the tokens of every scheduled request are concatenated, ``(T, ...)`` with no batch
+dim. Requests with a single query token ("decode rows", though a 1-token prefill chunk is the
+same computation) come first, so they form contiguous row ranges that are batched into a few
+padded SDPA calls ("decode groups"; the runner sorts them by context length so that each group
+pads little). Every other request is a "prefill sequence": one SDPA call with a causal mask
+offset by its start position.
+
+Invariant: every layer first writes the step's K/V for ALL tokens into the cache and only then
+reads context from the cache, so a request whose prefix-cache hit covers blocks being written in
+this same step by another request reads the right values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from itertools import accumulate, chain
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Decode rows are split into at most this many padded groups, of at least MIN_DECODE_GROUP rows:
+# fewer padded K/V bytes to gather versus more SDPA calls.
+MAX_DECODE_GROUPS = 4
+MIN_DECODE_GROUP = 16
+
+
+class Workspace:
+    """A grow-only scratch buffer for gathered K/V, reused by every layer and every step.
+
+    Gathering into a fresh multi-MiB tensor each layer costs page faults that dominate the copy
+    itself on CPU; one reused buffer avoids them.
+    """
+
+    def __init__(self) -> None:
+        self._buf: Tensor | None = None
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        numel = math.prod(shape)
+        buf = self._buf
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            buf = self._buf = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel].view(shape)
+
+
+@dataclass
+class DecodeGroup:
+    """Rows [start, end) of the step: single-token queries batched in one padded SDPA call."""
+
+    start: int
+    end: int
+    max_blocks: int
+    block_table: Tensor  # (n * max_blocks,) int64, each row padded with block 0
+    context_lens: Tensor  # (n,) int64: keys 0 .. context_len-1 are visible
+    _masks: dict[int | None, Tensor] = field(default_factory=dict)
+
+    def mask(self, window: int | None, block_size: int) -> Tensor:
+        """(n, 1, 1, S) bool, broadcast over kv heads and the query heads folded into rows."""
+        if window not in self._masks:
+            keys = torch.arange(self.max_blocks * block_size, device=self.context_lens.device)[None, :]  # (1, S)
+            ctx = self.context_lens[:, None]  # (n, 1)
+            visible = keys < ctx
+            if window is not None:
+                visible &= keys >= ctx - window
+            self._masks[window] = visible[:, None, None, :]  # (n, 1, 1, S)
+        return self._masks[window]
+
+
+@dataclass
+class PrefillSeq:
+    """Rows [start, end) of the step: one request's chunk of query_len > 1 tokens."""
+
+    start: int
+    end: int
+    start_pos: int
+    block_ids: Tensor | None  # (ceil(context_len / block_size),) int64; None when start_pos == 0
+    device: torch.device
+    _masks: dict[int | None, Tensor | None] = field(default_factory=dict)
+
+    @property
+    def context_len(self) -> int:
+        return self.start_pos + self.end - self.start
+
+    def mask(self, window: int | None) -> Tensor | None:
+        """(q, context) bool; None means plain causal attention over this step's keys only."""
+        if self.start_pos == 0 and window is None:
+            return None
+        if window not in self._masks:
+            q_pos = torch.arange(self.start_pos, self.context_len, device=self.device)[:, None]  # (q, 1)
+            keys = torch.arange(self.context_len, device=self.device)[None, :]  # (1, context)
+            visible = keys <= q_pos
+            if window is not None:
+                visible &= keys > q_pos - window
+            self._masks[window] = visible
+        return self._masks[window]
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs for one step; built once per step, shared by every layer."""
+
+    positions: Tensor  # (T,) int64
+    slot_mapping: Tensor  # (T,) int64
+    block_size: int
+    decode_groups: list[DecodeGroup]
+    prefills: list[PrefillSeq]
+    workspace: Workspace
+
+
+def build_attention_metadata(query_lens: list[int], start_positions: list[int], block_tables: list[list[int]],
+                             block_size: int, device: torch.device, workspace: Workspace) -> AttentionMetadata:
+    """Index tensors for one step from per-request Python lists (requests in step row order)."""
+    for q, s, tbl in zip(query_lens, start_positions, block_tables):
+        if len(tbl) * block_size < s + q:
+            raise ValueError(f"block table of {len(tbl)} blocks cannot hold positions up to {s + q - 1}")
+    positions, slot_mapping = _positions_and_slots(query_lens, start_positions, block_tables, block_size)
+    num_decodes = next((i for i, q in enumerate(query_lens) if q != 1), len(query_lens))
+    decode_ctx = [s + 1 for s in start_positions[:num_decodes]]
+    groups = [_decode_group(a, b, decode_ctx[a:b], block_tables[a:b], block_size, device)
+              for a, b in _group_bounds(num_decodes)]
+    row_starts = list(accumulate(query_lens, initial=0))
+    prefills = [
+        PrefillSeq(row_starts[i], row_starts[i + 1], start_positions[i],
+                   _prefix_blocks(block_tables[i], start_positions[i] + query_lens[i], block_size, device)
+                   if start_positions[i] > 0 else None, device)
+        for i in range(num_decodes, len(query_lens))
+    ]
+    return AttentionMetadata(positions.to(device), slot_mapping.to(device), block_size, groups, prefills, workspace)
+
+
+def _positions_and_slots(query_lens: list[int], start_positions: list[int], block_tables: list[list[int]],
+                         block_size: int) -> tuple[Tensor, Tensor]:
+    positions = torch.tensor(list(chain.from_iterable(range(s, s + q) for s, q in zip(start_positions, query_lens))))
+    flat_tables = torch.tensor(list(chain.from_iterable(block_tables)))
+    table_offsets = torch.tensor(list(accumulate((len(t) for t in block_tables), initial=0))[:-1])
+    token_req = torch.repeat_interleave(torch.arange(len(query_lens)), torch.tensor(query_lens))  # (T,)
+    blocks = flat_tables[table_offsets[token_req] + positions // block_size]  # (T,)
+    return positions, blocks * block_size + positions % block_size
+
+
+def _group_bounds(n: int) -> list[tuple[int, int]]:
+    if n == 0:
+        return []
+    k = max(1, min(MAX_DECODE_GROUPS, n // MIN_DECODE_GROUP))
+    cuts = [round(i * n / k) for i in range(k + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _decode_group(start: int, end: int, ctx_lens: list[int], tables: list[list[int]], block_size: int,
+                  device: torch.device) -> DecodeGroup:
+    max_blocks = -(-max(ctx_lens) // block_size)
+    padded = [0] * (len(ctx_lens) * max_blocks)
+    for i, (ctx, tbl) in enumerate(zip(ctx_lens, tables)):
+        nb = -(-ctx // block_size)
+        padded[i * max_blocks: i * max_blocks + nb] = tbl[:nb]
+    return DecodeGroup(start, end, max_blocks, torch.tensor(padded, device=device),
+                       torch.tensor(ctx_lens, device=device))
+
+
+def _prefix_blocks(table: list[int], context_len: int, block_size: int, device: torch.device) -> Tensor:
+    return torch.tensor(table[: -(-context_len // block_size)], device=device)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def write_kv(kv_cache: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:
+    """k, v: (T, Hkv, D) into their slots of kv_cache (2, num_blocks, block_size, Hkv, D)."""
+    _, _, _, hkv, d = kv_cache.shape
+    kv_cache[0].view(-1, hkv, d).index_copy_(0, slot_mapping, k)  # (num_slots, Hkv, D)
+    kv_cache[1].view(-1, hkv, d).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, meta: AttentionMetadata,
+                    window: int | None) -> Tensor:
+    """q: (T, H, D); k, v: (T, Hkv, D) of this step -> attention output (T, H, D)."""
+    write_kv(kv_cache, k, v, meta.slot_mapping)
+    out = torch.empty_like(q)
+    for g in meta.decode_groups:
+        out[g.start:g.end] = _decode_attention(q[g.start:g.end], kv_cache, g, window, meta)
+    for p in meta.prefills:
+        out[p.start:p.end] = _prefill_attention(q[p.start:p.end], k[p.start:p.end], v[p.start:p.end],
+                                                kv_cache, p, window, meta.workspace)
+    return out
+
+
+def _gather_blocks(kv_cache: Tensor, block_ids: Tensor, workspace: Workspace) -> Tensor:
+    """-> (2, len(block_ids) * block_size, Hkv, D): the blocks' keys and values, in table order."""
+    _, _, bs, hkv, d = kv_cache.shape
+    kv = workspace.take((2, block_ids.numel(), bs, hkv, d), kv_cache.dtype, kv_cache.device)
+    torch.index_select(kv_cache[0], 0, block_ids, out=kv[0])
+    torch.index_select(kv_cache[1], 0, block_ids, out=kv[1])
+    return kv.view(2, -1, hkv, d)  # (2, blocks * block_size, Hkv, D)
+
+
+def _decode_attention(q: Tensor, kv_cache: Tensor, g: DecodeGroup, window: int | None,
+                      meta: AttentionMetadata) -> Tensor:
+    n, h, d = q.shape
+    hkv = kv_cache.shape[3]
+    kv = _gather_blocks(kv_cache, g.block_table, meta.workspace).view(2, n, -1, hkv, d)  # (2, n, S, Hkv, D)
+    keys, values = kv[0].transpose(1, 2), kv[1].transpose(1, 2)  # (n, Hkv, S, D)
+    # GQA without copies: the query heads sharing one kv head become query rows of that head.
+    qg = q.view(n, hkv, h // hkv, d)  # (n, Hkv, G, D)
+    out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=g.mask(window, meta.block_size))
+    return out.view(n, h, d)  # (n, Hkv, G, D) -> (n, H, D)
+
+
+def _prefill_attention(q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, p: PrefillSeq, window: int | None,
+                       workspace: Workspace) -> Tensor:
+    h, hkv = q.shape[1], k.shape[1]
+    if p.block_ids is None:  # context is exactly this step's chunk, identical to what was just written
+        keys, values = k, v  # (q, Hkv, D)
+    else:
+        kv = _gather_blocks(kv_cache, p.block_ids, workspace)
+        keys, values = kv[0, :p.context_len], kv[1, :p.context_len]  # (context, Hkv, D)
+    mask = p.mask(window)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],  # (1, heads, len, D)
+        attn_mask=mask, is_causal=mask is None, enable_gqa=h != hkv)
+    return out[0].transpose(0, 1)  # (1, H, q, D) -> (q, H, D)
