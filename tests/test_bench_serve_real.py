@@ -21,6 +21,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
+from serve_process import ServerProcess
+
 from tureen.bench.serve import bench_serve
 from tureen.bench.serve_config import ServeBenchConfig
 
@@ -28,48 +30,10 @@ KEY = "sk-bench"
 NAME = "tiny-llama"
 
 
-class BenchServer:
-    """``python -m tureen.cli serve MODEL`` on a free 127.0.0.1 port."""
-
-    def __init__(self, model_dir: Path, log_path: Path, *flags: str) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = log_path
-        self.log = open(log_path, "w")
-        cmd = [sys.executable, "-m", "tureen.cli", "serve", str(model_dir), "--host", "127.0.0.1", "--port",
-               str(port), "--served-model-name", NAME, "--api-key", KEY, "--max-model-len", "512",
-               "--kv-cache-memory", "64MiB", *flags]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-    def wait_healthy(self, timeout: float = 180) -> "BenchServer":
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            assert self.proc.poll() is None, f"server exited early:\n{self.log_path.read_text()}"
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"server not healthy in {timeout} s:\n{self.log_path.read_text()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-
 @pytest.fixture(scope="module")
 def server(llama_dir, tmp_path_factory):
-    s = BenchServer(llama_dir, tmp_path_factory.mktemp("bench-serve") / "server.log", "--max-num-seqs", "16")
+    s = ServerProcess(llama_dir, tmp_path_factory.mktemp("bench-serve") / "server.log", "--max-num-seqs", "16",
+                      name=NAME, key=KEY)
     try:
         yield s.wait_healthy()
     finally:
@@ -87,7 +51,7 @@ def counters(url: str) -> dict[str, float]:
     return out
 
 
-def run(server: BenchServer, **kw) -> dict:
+def run(server: ServerProcess, **kw) -> dict:
     cfg = ServeBenchConfig.from_kwargs(base_url=server.url, api_key=KEY, timeout=60.0, **kw)
     code, doc = bench_serve(cfg, Console(file=open(os.devnull, "w"), width=200))
     assert code == 0
@@ -103,7 +67,7 @@ def assert_matches_server(before: dict[str, float], after: dict[str, float], run
         sum(r["total_output_tokens"] for r in runs)
 
 
-def test_sweep_counts_and_tokens_match_the_servers_metrics(server: BenchServer, tmp_path: Path) -> None:
+def test_sweep_counts_and_tokens_match_the_servers_metrics(server: ServerProcess, tmp_path: Path) -> None:
     save, plot = tmp_path / "sweep.json", tmp_path / "sweep.png"
     before = counters(server.url)
     doc = run(server, dataset="random", input_len=32, output_len=12, num_prompts=8, ignore_eos=True,
@@ -131,7 +95,7 @@ def test_sweep_counts_and_tokens_match_the_servers_metrics(server: BenchServer, 
         assert np.asarray(img.convert("L")).std() > 5
 
 
-def test_chat_prefix_workload_with_a_local_tokenizer(server: BenchServer, llama_dir: Path) -> None:
+def test_chat_prefix_workload_with_a_local_tokenizer(server: ServerProcess, llama_dir: Path) -> None:
     before = counters(server.url)
     doc = run(server, endpoint="chat", dataset="prefix", tokenizer=str(llama_dir), input_len=16, prefix_len=48,
               output_len=8, num_prompts=6, max_concurrency=3, request_rate=50.0)
@@ -143,7 +107,8 @@ def test_chat_prefix_workload_with_a_local_tokenizer(server: BenchServer, llama_
 
 
 def test_a_short_queue_sheds_503s_counted_as_failures(llama_dir: Path, tmp_path: Path) -> None:
-    s = BenchServer(llama_dir, tmp_path / "small.log", "--max-num-seqs", "1", "--max-queue-len", "1").wait_healthy()
+    s = ServerProcess(llama_dir, tmp_path / "small.log", "--max-num-seqs", "1", "--max-queue-len", "1",
+                      name=NAME, key=KEY).wait_healthy()
     try:
         before = counters(s.url)
         doc = run(s, dataset="random", input_len=16, output_len=48, ignore_eos=True, num_prompts=8)

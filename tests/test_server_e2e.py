@@ -23,6 +23,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from serve_process import ServerProcess
+
 from tureen import SamplingParams
 
 KEY = "sk-e2e"
@@ -33,57 +35,10 @@ PROMPTS = ["the quick brown fox", "paged attention keeps every block", "prefix c
 TOKENS = 24
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """``python -m tureen.cli serve MODEL ...`` on a free port, its log in a file."""
-
-    def __init__(self, model_dir: Path, log_path: Path, *flags: str) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        cmd = [sys.executable, "-m", "tureen.cli", "serve", str(model_dir), "--host", "127.0.0.1",
-               "--port", str(self.port), "--served-model-name", NAME, "--api-key", KEY, "--max-model-len", "512",
-               "--kv-cache-memory", "64MiB", *flags]
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-    def wait_healthy(self, timeout: float = 180) -> ServerProcess:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            assert self.proc.poll() is None, f"server exited early:\n{self.log_text()}"
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"server not healthy in {timeout} s:\n{self.log_text()}")
-
-    def log_text(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-
 @pytest.fixture(scope="module")
 def server(llama_dir, tmp_path_factory):
     s = ServerProcess(llama_dir, tmp_path_factory.mktemp("serve") / "server.log", "--max-num-seqs", "64",
-                      "--max-request-body-bytes", "65536", "--block-size", "16", "--log-stats-interval", "1")
+                      "--max-request-body-bytes", "65536", "--block-size", "16", "--log-stats-interval", "1", name=NAME, key=KEY)
     try:
         yield s.wait_healthy()
     finally:
@@ -386,7 +341,7 @@ def test_request_log_lines(server):
 
 def test_overload_is_shed_and_timeouts_abort(llama_dir, tmp_path):
     s = ServerProcess(llama_dir, tmp_path / "small.log", "--max-num-seqs", "1", "--max-queue-len", "1",
-                      "--request-timeout", "1").wait_healthy()
+                      "--request-timeout", "1", name=NAME, key=KEY).wait_healthy()
     try:
         with httpx.Client(base_url=s.url, headers=AUTH, timeout=30) as c:
             long_body = {"prompt": "the", "max_tokens": 480, "ignore_eos": True, "stream": True}
@@ -432,7 +387,7 @@ def _finish_reasons(events: list[str]) -> list[str]:
 @pytest.mark.parametrize("timeout,expect", [("60", "length"), ("0.3", "abort")])
 def test_sigterm_drains_in_flight_refuses_new_and_exits_zero(llama_dir, tmp_path, timeout, expect):
     s = ServerProcess(llama_dir, tmp_path / "drain.log", "--max-num-seqs", "1", "--shutdown-timeout",
-                      timeout).wait_healthy()
+                      timeout, name=NAME, key=KEY).wait_healthy()
     try:
         results: list = []
         body = {"prompt": "the", "max_tokens": 100, "ignore_eos": True, "stream": True,
@@ -466,7 +421,7 @@ def test_sigterm_drains_in_flight_refuses_new_and_exits_zero(llama_dir, tmp_path
 
 
 def test_unloadable_model_exits_nonzero_with_a_clear_message(tmp_path):
-    s = ServerProcess(tmp_path / "no-such-checkpoint", tmp_path / "bad.log")
+    s = ServerProcess(tmp_path / "no-such-checkpoint", tmp_path / "bad.log", name=NAME, key=KEY)
     try:
         assert s.proc.wait(120) == 1
         assert "could not start the engine" in s.log_text() and "no-such-checkpoint" in s.log_text()

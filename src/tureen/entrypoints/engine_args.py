@@ -17,7 +17,8 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _arg_type(f: dataclasses.Field) -> Any:
+def arg_type(f: dataclasses.Field) -> Any:
+    """The argparse type for a config field (None for a bool: a --flag/--no-flag pair)."""
     kind = str(f.type)
     if "bool" in kind:
         return None
@@ -44,10 +45,10 @@ def add_engine_args(parser: argparse.ArgumentParser, *, with_model_positional: b
         kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": f"{help_text} (default: {default})"}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
-        if _arg_type(f) is None:
+        if arg_type(f) is None:
             group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
         else:
-            group.add_argument(_flag(f.name), type=_arg_type(f), **kwargs)
+            group.add_argument(_flag(f.name), type=arg_type(f), **kwargs)
 
 
 def engine_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -7,28 +7,17 @@ Heavy imports (uvicorn, the engine, torch) happen only when the command runs.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
 from typing import Any
 
+from tureen.entrypoints.engine_args import arg_type
 from tureen.errors import ConfigError
 from tureen.server.config import ServerConfig, server_fields
 
 API_KEY_ENV = "TUREEN_API_KEY"
 TRACE = 5  # uvicorn's "trace" level
-
-
-def _arg_type(f: dataclasses.Field) -> Any:
-    kind = str(f.type)
-    if kind.startswith("int | str"):
-        return str
-    if "float" in kind:
-        return float
-    if "int" in kind:
-        return int
-    return str
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +33,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         if f.type in ("bool", bool):
             group.add_argument(*flags, action="store_true", **kwargs)
         else:
-            group.add_argument(*flags, type=_arg_type(f), **kwargs)
+            group.add_argument(*flags, type=arg_type(f), **kwargs)
 
 
 def add_parser(subparsers: Any) -> None:
