@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from checkpoints import ARCHS
 from tureen.errors import ModelLoadError, UnsupportedArchitectureError
-from tureen.executor.attention import Workspace, build_attention_metadata
+from tureen.executor.attention import Workspace, build_attention_metadata, paged_attention, write_kv
 from tureen.executor.loader import load_hf_config, load_model, resolve_checkpoint, resolve_dtype
 from tureen.executor.models.layers import DecoderArgs, rope_inv_freq
 from tureen.executor.models.registry import model_module, supported_architectures
@@ -60,6 +60,52 @@ def hf_logits(model_dir: Path, ids: list[int]) -> torch.Tensor:
 def prompt(n: int, vocab: int, seed: int = 1) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (n,), generator=g).tolist()
+
+
+# ---- paged attention against a dense reference ------------------------------------------------
+
+def _dense_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_pos: list[int],
+                     window: int | None) -> torch.Tensor:
+    """q (n, H, D) at positions q_pos; keys/values (context, Hkv, D) at positions 0.. -> (n, H, D)."""
+    group = q.shape[1] // keys.shape[1]
+    k = keys.repeat_interleave(group, dim=1)  # (context, H, D)
+    v = values.repeat_interleave(group, dim=1)
+    scores = torch.einsum("nhd,chd->hnc", q, k) / q.shape[-1] ** 0.5  # (H, n, context)
+    key_pos = torch.arange(keys.shape[0])[None, :]
+    qp = torch.tensor(q_pos)[:, None]
+    visible = (key_pos <= qp) & ((key_pos > qp - window) if window else True)
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    return torch.einsum("hnc,chd->nhd", probs, v)
+
+
+@pytest.mark.parametrize("heads,kv_heads,window", [(4, 2, None), (4, 1, 5), (3, 3, None), (4, 4, 9)])
+def test_paged_attention_matches_dense_reference(monkeypatch, heads, kv_heads, window):
+    from tureen.executor import attention
+
+    monkeypatch.setattr(attention, "MIN_DECODE_GROUP", 1)  # several padded decode groups
+    torch.manual_seed(0)
+    d, bs, num_blocks = 8, 4, 64
+    cache = torch.zeros(2, num_blocks, bs, kv_heads, d)
+    # (start_pos, query_len): decodes first, then a fresh prefill, chunks continuing a prefix
+    reqs = [(0, 1), (6, 1), (13, 1), (21, 1), (0, 7), (8, 5), (3, 3), (17, 6)]
+    free = torch.randperm(num_blocks).tolist()
+    tables = [[free.pop() for _ in range(-(-(s + q) // bs))] for s, q in reqs]
+    history = []
+    for (s, q), tbl in zip(reqs, tables):  # the earlier tokens' K/V, already in the cache
+        k, v = torch.randn(s, kv_heads, d), torch.randn(s, kv_heads, d)
+        write_kv(cache, k, v, torch.tensor([tbl[p // bs] * bs + p % bs for p in range(s)], dtype=torch.long))
+        history.append((k, v))
+    meta = build_attention_metadata([q for _, q in reqs], [s for s, _ in reqs], tables, bs, CPU, Workspace())
+    assert len(meta.decode_groups) == 4 and len(meta.prefills) == 4
+    total = sum(q for _, q in reqs)
+    q, k, v = torch.randn(total, heads, d), torch.randn(total, kv_heads, d), torch.randn(total, kv_heads, d)
+    out = paged_attention(q, k, v, cache, meta, window)
+    row = 0
+    for (s, n), (hk, hv) in zip(reqs, history):
+        keys, values = torch.cat([hk, k[row:row + n]]), torch.cat([hv, v[row:row + n]])
+        ref = _dense_attention(q[row:row + n], keys, values, list(range(s, s + n)), window)
+        torch.testing.assert_close(out[row:row + n], ref, atol=1e-5, rtol=1e-5)
+        row += n
 
 
 # ---- every architecture matches transformers ---------------------------------------------------

@@ -264,7 +264,9 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (T, I) each
-        return self.down_proj(F.silu(gate) * up)
+        act = F.silu(gate)
+        act *= up  # in place: one (T, I) temporary fewer
+        return self.down_proj(act)
 
 
 # ----------------------------------------------------------------------------------------------
