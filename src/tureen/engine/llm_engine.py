@@ -110,10 +110,10 @@ class LLMEngine:
             return self.tokenizer.encode(prompt)
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             raise InvalidRequestError("a token-id prompt must be a list of integers", param="prompt")
-        bad = [t for t in prompt if not 0 <= t < self.tokenizer.vocab_size]
+        vocab = min(self.tokenizer.vocab_size, self.runner.vocab_size)  # the model's table may be smaller
+        bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
-            raise InvalidRequestError(
-                f"token id {bad[0]} is outside the vocabulary [0, {self.tokenizer.vocab_size})", param="prompt")
+            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param="prompt")
         return list(prompt)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
