@@ -12,6 +12,17 @@ from pathlib import Path
 
 import httpx
 
+# Every metric the server issue names (vLLM names, as exposed by prometheus_client families).
+REQUIRED_METRICS = (
+    "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+    "vllm:cache_config_info", "vllm:prefix_cache_queries", "vllm:prefix_cache_hits",
+    "vllm:prompt_tokens", "vllm:generation_tokens", "vllm:request_success", "vllm:num_preemptions",
+    "vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
+    "vllm:e2e_request_latency_seconds", "vllm:request_queue_time_seconds",
+    "vllm:request_prefill_time_seconds", "vllm:request_decode_time_seconds",
+    "vllm:request_prompt_tokens", "vllm:request_generation_tokens", "tureen:requests_shed",
+)
+
 
 def _free_port() -> int:
     with socket.socket() as s:

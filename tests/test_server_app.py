@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+from serve_process import REQUIRED_METRICS
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -514,13 +515,7 @@ def test_metrics_exist_and_move(srv):
         before = {f.name: f for f in text_string_to_metric_families(c.get("/metrics").text)}
         c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 4})
         after = {f.name: f for f in text_string_to_metric_families(c.get("/metrics").text)}
-    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
-                 "vllm:cache_config_info", "vllm:prefix_cache_queries", "vllm:prefix_cache_hits",
-                 "vllm:prompt_tokens", "vllm:generation_tokens", "vllm:request_success", "vllm:num_preemptions",
-                 "vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
-                 "vllm:e2e_request_latency_seconds", "vllm:request_queue_time_seconds",
-                 "vllm:request_prefill_time_seconds", "vllm:request_decode_time_seconds",
-                 "vllm:request_prompt_tokens", "vllm:request_generation_tokens", "tureen:requests_shed"):
+    for name in REQUIRED_METRICS:
         assert name in after, name
         assert all(s.labels.get("model_name") == MODEL for s in after[name].samples if s.name != name + "_created")
 

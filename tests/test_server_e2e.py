@@ -23,7 +23,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve_process import ServerProcess
+from serve_process import REQUIRED_METRICS, ServerProcess
 
 from tureen import SamplingParams
 
@@ -302,13 +302,7 @@ def test_metrics_exist_and_move(server, client):
                               extra_body={"ignore_eos": True})
     after = metric_values(server.url)
     families = {f.name for f in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)}
-    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
-                 "vllm:cache_config_info", "vllm:prefix_cache_queries", "vllm:prefix_cache_hits",
-                 "vllm:prompt_tokens", "vllm:generation_tokens", "vllm:request_success", "vllm:num_preemptions",
-                 "vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
-                 "vllm:e2e_request_latency_seconds", "vllm:request_queue_time_seconds",
-                 "vllm:request_prefill_time_seconds", "vllm:request_decode_time_seconds",
-                 "vllm:request_prompt_tokens", "vllm:request_generation_tokens", "tureen:requests_shed"):
+    for name in REQUIRED_METRICS:
         assert name in families, name
 
     def moved(name: str, **labels: str) -> float:
