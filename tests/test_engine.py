@@ -42,8 +42,11 @@ def test_single_request_every_architecture(arch_dir):
     check_against_hf(arch_dir, [ids], [out], [24])
 
 
-def test_mixed_batch_every_architecture(arch_dir):
-    llm = make_llm(arch_dir, max_num_seqs=8)
+@pytest.mark.parametrize("cpu_kernels", ["on", "off"])  # native kernels required / plain torch ops
+def test_mixed_batch_every_architecture(arch_dir, cpu_kernels):
+    llm = make_llm(arch_dir, max_num_seqs=8, cpu_kernels=cpu_kernels)
+    runner = llm.llm_engine.runner
+    assert (runner.decode_kernel is not None) == runner.packed_linear == (cpu_kernels == "on")
     prompts = prompts_for(llm.get_tokenizer(), 6, seed=1)
     lengths = [5, 17, 9, 30, 1, 12]
     outs = llm.generate(prompts, [greedy(n) for n in lengths])

@@ -97,10 +97,17 @@ class SchedulerConfig:
 @dataclass
 class DeviceConfig:
     device: str = field(default="auto", metadata=_help("Device: auto (cuda when available), cpu or cuda."))
+    cpu_kernels: str = field(default="auto", metadata=_help(
+        "Native CPU kernels (paged decode attention in C, float32 linear layers on oneDNN with pre-packed "
+        "weights): auto (use them when they build and load, else fall back to plain torch ops with a "
+        "warning), on (fail when they cannot be used) or off (plain torch ops).",
+        choices=["auto", "on", "off"]))
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.cpu_kernels not in ("auto", "on", "off"):
+            raise ConfigError(f"cpu_kernels must be auto, on or off, got {self.cpu_kernels!r}")
 
 
 @dataclass

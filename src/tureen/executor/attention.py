@@ -22,6 +22,9 @@ padded SDPA calls ("decode groups"; the runner sorts them by context length so t
 pads little). Every other request is a "prefill sequence": one SDPA call with a causal mask
 offset by its start position.
 
+On CPU in float32 the decode rows instead go, all at once, to the native kernel of
+``cpu_kernels.py``, which reads K/V in place through the block tables (one group, no gather).
+
 Invariant: every layer first writes the step's K/V for ALL tokens into the cache and only then
 reads context from the cache, so a request whose prefix-cache hit covers blocks being written in
 this same step by another request reads the right values.
@@ -36,6 +39,8 @@ from itertools import accumulate, chain
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from tureen.executor.cpu_kernels import PagedDecodeKernel
 
 # Decode rows (sorted by context length) are split into at most MAX_DECODE_GROUPS padded groups
 # of at least MIN_DECODE_GROUP rows. Small groups pad less and their gathered K/V stays in cache;
@@ -125,10 +130,12 @@ class AttentionMetadata:
     decode_groups: list[DecodeGroup]
     prefills: list[PrefillSeq]
     workspace: Workspace
+    decode_kernel: PagedDecodeKernel | None = None
 
 
 def build_attention_metadata(query_lens: list[int], start_positions: list[int], block_tables: list[list[int]],
-                             block_size: int, device: torch.device, workspace: Workspace) -> AttentionMetadata:
+                             block_size: int, device: torch.device, workspace: Workspace,
+                             decode_kernel: PagedDecodeKernel | None = None) -> AttentionMetadata:
     """Index tensors for one step from per-request Python lists (requests in step row order)."""
     for q, s, tbl in zip(query_lens, start_positions, block_tables):
         if len(tbl) * block_size < s + q:
@@ -136,7 +143,10 @@ def build_attention_metadata(query_lens: list[int], start_positions: list[int], 
     positions, slot_mapping = _positions_and_slots(query_lens, start_positions, block_tables, block_size)
     num_decodes = next((i for i, q in enumerate(query_lens) if q != 1), len(query_lens))
     decode_ctx = [s + 1 for s in start_positions[:num_decodes]]
-    groups = _decode_groups(decode_ctx, block_tables[:num_decodes], block_size, device)
+    # One group where padding is cheap: the native kernel never reads it, and on CUDA a kernel
+    # launch costs more than the padded work.
+    max_groups = 1 if decode_kernel is not None or device.type == "cuda" else MAX_DECODE_GROUPS
+    groups = _decode_groups(decode_ctx, block_tables[:num_decodes], block_size, device, max_groups)
     row_starts = list(accumulate(query_lens, initial=0))
     prefills = [
         PrefillSeq(row_starts[i], row_starts[i + 1], start_positions[i],
@@ -144,7 +154,8 @@ def build_attention_metadata(query_lens: list[int], start_positions: list[int], 
                    if start_positions[i] > 0 else None, device)
         for i in range(num_decodes, len(query_lens))
     ]
-    return AttentionMetadata(positions.to(device), slot_mapping.to(device), block_size, groups, prefills, workspace)
+    return AttentionMetadata(positions.to(device), slot_mapping.to(device), block_size, groups, prefills, workspace,
+                             decode_kernel)
 
 
 def _positions_and_slots(query_lens: list[int], start_positions: list[int], block_tables: list[list[int]],
@@ -167,11 +178,10 @@ def _group_bounds(n: int, max_groups: int) -> list[tuple[int, int]]:
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-def _decode_groups(ctx_lens: list[int], tables: list[list[int]], block_size: int,
-                   device: torch.device) -> list[DecodeGroup]:
+def _decode_groups(ctx_lens: list[int], tables: list[list[int]], block_size: int, device: torch.device,
+                   max_groups: int) -> list[DecodeGroup]:
     """All groups' padded block tables in one tensor (and one for context lengths), sliced per group."""
-    # On CUDA, kernel launches cost more than padding: one group.
-    bounds = _group_bounds(len(ctx_lens), 1 if device.type == "cuda" else MAX_DECODE_GROUPS)
+    bounds = _group_bounds(len(ctx_lens), max_groups)
     if not bounds:
         return []
     widths = [-(-max(ctx_lens[a:b]) // block_size) for a, b in bounds]
@@ -210,7 +220,11 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, meta: Att
     write_kv(kv_cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
     for g in meta.decode_groups:
-        out[g.start:g.end] = _decode_attention(q[g.start:g.end], kv_cache, g, window, meta)
+        if meta.decode_kernel is not None:
+            meta.decode_kernel(q[g.start:g.end], kv_cache, g.block_table.view(g.end - g.start, g.max_blocks),
+                               g.context_lens, out[g.start:g.end], window, q.shape[-1] ** -0.5)
+        else:
+            out[g.start:g.end] = _decode_attention(q[g.start:g.end], kv_cache, g, window, meta)
     for p in meta.prefills:
         out[p.start:p.end] = _prefill_attention(q[p.start:p.end], k[p.start:p.end], v[p.start:p.end],
                                                 kv_cache, p, window, meta.workspace)

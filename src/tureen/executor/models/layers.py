@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from tureen.errors import ModelLoadError, UnsupportedArchitectureError
 from tureen.executor.attention import AttentionMetadata, paged_attention
+from tureen.executor.cpu_kernels import pack_linear_weight, packed_linear
 
 # Hugging Face checkpoint name fragment -> (fused parameter fragment, shard id).
 # q/k/v projections live in one ``qkv_proj``; gate/up in one ``gate_up_proj``.
@@ -218,14 +219,33 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 # Linear layers with fused shards
 
 
-class Linear(nn.Module):
+class PackableLinear(nn.Module):
+    """``F.linear`` by default; after ``pack_for_cpu()``, oneDNN on a pre-packed copy of the weight.
+
+    Packing replaces the plain weight (no second copy in memory), so load weights first. The copy
+    is private: packing a weight tied to the embedding leaves the embedding's tensor alone.
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+    packed_weight: Tensor | None = None
+
+    def pack_for_cpu(self) -> None:
+        self.packed_weight = pack_linear_weight(self.weight)
+        del self.weight  # the Parameter (the embedding keeps its own reference when tied)
+        self.weight = None  # type: ignore[assignment]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.packed_weight is not None:
+            return packed_linear(x, self.packed_weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+class Linear(PackableLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
         self.weight = _empty_param(out_features, in_features)
         self.bias = _empty_param(out_features) if bias else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
 
 
 class ShardedLinear(Linear):
@@ -322,15 +342,16 @@ class VocabEmbedding(nn.Module):
         return F.embedding(ids, self.weight)
 
 
-class LMHead(nn.Module):
+class LMHead(PackableLinear):
     """Projects hidden states to float32 logits; may share its weight with the embedding."""
 
     def __init__(self, vocab_size: int, hidden: int) -> None:
         super().__init__()
         self.weight = _empty_param(vocab_size, hidden)
+        self.bias = None
 
     def forward(self, h: Tensor) -> Tensor:
-        return F.linear(h, self.weight).float()
+        return super().forward(h).float()
 
 
 class DecoderLayer(nn.Module):
@@ -387,6 +408,12 @@ class CausalLM(nn.Module):
 
     def tie_weights(self) -> None:
         self.lm_head.weight = self.model.embed_tokens.weight
+
+    def pack_linear_weights_for_cpu(self) -> None:
+        """Move every linear layer (and the LM head) to oneDNN with pre-packed weights."""
+        for module in self.modules():
+            if isinstance(module, PackableLinear):
+                module.pack_for_cpu()
 
     def forward(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata,
                 kv_caches: list[Tensor]) -> Tensor:

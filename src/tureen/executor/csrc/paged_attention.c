@@ -1,0 +1,201 @@
+/* Paged attention for single-token queries (decode rows), float32, CPU.
+ *
+ * Keys and values are read in place from the block pool through each sequence's block table:
+ * no gather into a padded buffer and no mask, so each cached K/V row crosses the memory bus once.
+ * One work item is one sequence (all heads: a cached row holds every kv head, so the whole row is
+ * used while it is in cache). Items are spread over OpenMP threads; built against torch's own
+ * libgomp (same soname), the kernel shares torch's thread pool.
+ *
+ * Layouts (element strides; float32 unless noted):
+ *   q             (n, H, D), rows q_stride apart, heads contiguous
+ *   k_cache       (num_blocks, block_size, Hkv, D) contiguous; v_cache the same
+ *   block_tables  (n, max_blocks) int64 row-major; entries past a sequence's context are never read
+ *   context_lens  (n,) int64: positions 0 .. context_len - 1 are visible
+ *   out           (n, H, D), rows out_stride apart
+ * Query head h reads kv head h / (H / Hkv) (grouped-query attention). window > 0 keeps only the
+ * last `window` positions visible (sliding-window attention). D must be a multiple of 8.
+ *
+ * Softmax: scores for the whole context in a per-thread buffer, their maximum, exp-weights, the
+ * weighted sum of values, one division. Everything is float32, as in the reference models.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float v8 __attribute__((vector_size(32))); /* 8 floats: one AVX register, two NEON ones */
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+static inline v8 load8(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
+static inline void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
+static inline v8 splat8(float x) { return (v8){x, x, x, x, x, x, x, x}; }
+
+static inline float hsum8(v8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
+
+/* Pairwise halving: sums of a and b in the even and odd 4-lane halves. */
+static inline v8 pair_sum(v8 a, v8 b) {
+    return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
+           __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+}
+
+/* {hsum(a0), ..., hsum(a7)} in 21 vector operations instead of eight scalar reductions. */
+static inline v8 hsum8x8(v8 a0, v8 a1, v8 a2, v8 a3, v8 a4, v8 a5, v8 a6, v8 a7) {
+    const v8 s0123 = pair_sum(pair_sum(a0, a1), pair_sum(a2, a3)); /* a0 a1 a2 a3 | a0 a1 a2 a3 */
+    const v8 s4567 = pair_sum(pair_sum(a4, a5), pair_sum(a6, a7));
+    return __builtin_shufflevector(s0123, s4567, 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(s0123, s4567, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+/* exp(x) for x <= 0, 8 lanes: Cephes-style range reduction and degree-6 polynomial (about 1 ulp). */
+static inline v8 exp8_nonpositive(v8 x) {
+    const v8i below = x < splat8(-87.0f);
+    x = (v8)(((v8i)x & ~below) | ((v8i)splat8(-87.0f) & below));
+    const v8i ni = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, v8i); /* round(x / ln2), x <= 0 */
+    const v8 n = __builtin_convertvector(ni, v8);
+    const v8 r = (x - n * 0.693359375f) + n * 2.12194440e-4f; /* x - n ln2, in two parts */
+    v8 p = splat8(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    return p * (v8)((ni + 127) << 23); /* times 2^n */
+}
+
+/* s[0:len] = exp(s - max(s)); returns the sum. */
+static float softmax_numerators(float *s, int64_t len) {
+    float m = s[0], total = 0.0f;
+    for (int64_t j = 1; j < len; j++) m = s[j] > m ? s[j] : m;
+    int64_t j = 0;
+    v8 acc = {0};
+    for (; j + 8 <= len; j += 8) {
+        const v8 e = exp8_nonpositive(load8(s + j) - m);
+        store8(s + j, e);
+        acc += e;
+    }
+    if (j < len) {
+        float tail[8] = {0};
+        memcpy(tail, s + j, sizeof(float) * (len - j));
+        const v8 e = exp8_nonpositive(load8(tail) - m);
+        for (int64_t t = 0; t < len - j; t++) s[j + t] = e[t], total += e[t];
+    }
+    return hsum8(acc) + total;
+}
+
+/* out[j] = scale * (q . k_j) for rows k_0 .. k_{rows-1}, `stride` floats apart. Eight rows at a
+ * time: eight independent accumulator chains, then one transposing reduction. */
+static void dot_rows(const float *q, const float *k, int64_t stride, int64_t rows, int64_t D, float scale,
+                     float *out) {
+    int64_t j = 0;
+    for (; j + 8 <= rows; j += 8) {
+        const float *r = k + j * stride;
+        v8 a[8] = {{0}};
+        for (int64_t d = 0; d < D; d += 8) {
+            const v8 qv = load8(q + d);
+            for (int i = 0; i < 8; i++) a[i] += qv * load8(r + i * stride + d);
+        }
+        store8(out + j, hsum8x8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]) * scale);
+    }
+    for (; j < rows; j++) {
+        v8 a = {0};
+        for (int64_t d = 0; d < D; d += 8) a += load8(q + d) * load8(k + j * stride + d);
+        out[j] = hsum8(a) * scale;
+    }
+}
+
+/* acc[0:D] += sum_j w[j] * v_j. 64 columns at a time stay in eight registers across the rows. */
+static void weighted_sum_rows(const float *w, const float *v, int64_t stride, int64_t rows, int64_t D,
+                              float *acc) {
+    int64_t d = 0;
+    for (; d + 64 <= D; d += 64) {
+        v8 a[8];
+        for (int c = 0; c < 8; c++) a[c] = load8(acc + d + 8 * c);
+        for (int64_t j = 0; j < rows; j++) {
+            const float *row = v + j * stride + d;
+            for (int c = 0; c < 8; c++) a[c] += w[j] * load8(row + 8 * c);
+        }
+        for (int c = 0; c < 8; c++) store8(acc + d + 8 * c, a[c]);
+    }
+    for (; d < D; d += 8) {
+        v8 a = load8(acc + d);
+        for (int64_t j = 0; j < rows; j++) a += w[j] * load8(v + j * stride + d);
+        store8(acc + d, a);
+    }
+}
+
+static void prefetch_block(const float *p, int64_t floats) {
+    for (int64_t i = 0; i < floats; i += 16) __builtin_prefetch(p + i, 0, 3); /* one 64-byte line each */
+}
+
+typedef struct {
+    int64_t H, Hkv, D, bs;
+    float scale;
+} Dims;
+
+/* Rows [lo, hi) of block b hold the visible positions b * bs + lo .. b * bs + hi - 1. */
+static inline void block_range(int64_t b, int64_t first, int64_t ctx, int64_t bs, int64_t *lo, int64_t *hi) {
+    *lo = first > b * bs ? first - b * bs : 0;
+    *hi = ctx < (b + 1) * bs ? ctx - b * bs : bs;
+}
+
+/* One sequence, every head. Scratch: scores (H, ctx - first), acc (H, D), sums (H).
+ * Pass 1 (keys) also prefetches the value rows, so pass 2 mostly hits the L2 cache. */
+static void attend_sequence(const float *q, const float *k_cache, const float *v_cache, const int64_t *table,
+                            int64_t first, int64_t ctx, float *out, Dims dims, float *scores, float *acc,
+                            float *sums) {
+    const int64_t H = dims.H, D = dims.D, G = dims.H / dims.Hkv, bs = dims.bs, len = ctx - first;
+    const int64_t stride = dims.Hkv * D, block_floats = bs * stride, b0 = first / bs, b1 = (ctx + bs - 1) / bs;
+    int64_t lo, hi;
+    for (int64_t b = b0; b < b1; b++) {
+        block_range(b, first, ctx, bs, &lo, &hi);
+        if (b + 1 < b1) prefetch_block(k_cache + table[b + 1] * block_floats, block_floats);
+        prefetch_block(v_cache + table[b] * block_floats + lo * stride, (hi - lo) * stride);
+        const float *k = k_cache + table[b] * block_floats + lo * stride;
+        for (int64_t h = 0; h < H; h++)
+            dot_rows(q + h * D, k + (h / G) * D, stride, hi - lo, D, dims.scale, scores + h * len + b * bs + lo - first);
+    }
+    for (int64_t h = 0; h < H; h++) sums[h] = softmax_numerators(scores + h * len, len);
+    memset(acc, 0, sizeof(float) * H * D);
+    for (int64_t b = b0; b < b1; b++) {
+        block_range(b, first, ctx, bs, &lo, &hi);
+        const float *v = v_cache + table[b] * block_floats + lo * stride;
+        for (int64_t h = 0; h < H; h++)
+            weighted_sum_rows(scores + h * len + b * bs + lo - first, v + (h / G) * D, stride, hi - lo, D, acc + h * D);
+    }
+    for (int64_t h = 0; h < H; h++) {
+        const float inv = 1.0f / sums[h];
+        for (int64_t i = 0; i < D; i++) out[h * D + i] = acc[h * D + i] * inv;
+    }
+}
+
+/* Returns 0, or -1 when a thread could not allocate its scratch (out is then incomplete). */
+int tureen_paged_decode_f32(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
+                            const int64_t *block_tables, int64_t max_blocks, const int64_t *context_lens,
+                            float *out, int64_t out_stride, int64_t n, int64_t H, int64_t Hkv, int64_t D,
+                            int64_t block_size, int64_t window, float scale, int num_threads) {
+    const Dims dims = {H, Hkv, D, block_size, scale};
+    int64_t longest = 1;
+    for (int64_t i = 0; i < n; i++) longest = context_lens[i] > longest ? context_lens[i] : longest;
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads)
+    {
+        float *scratch = malloc(sizeof(float) * H * (longest + D + 1));
+        if (!scratch) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t i = 0; i < n; i++) {
+                const int64_t ctx = context_lens[i], first = (window > 0 && ctx > window) ? ctx - window : 0;
+                if (ctx > 0)
+                    attend_sequence(q + i * q_stride, k_cache, v_cache, block_tables + i * max_blocks, first, ctx,
+                                    out + i * out_stride, dims, scratch, scratch + H * longest,
+                                    scratch + H * (longest + D));
+            }
+        }
+        free(scratch);
+    }
+    return failed ? -1 : 0;
+}

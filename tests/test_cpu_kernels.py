@@ -1,0 +1,128 @@
+"""The native CPU paths: the C paged-decode kernel and oneDNN linear layers with packed weights.
+
+Each is checked against a plain reference (dense attention, ``F.linear``), and so is the way the
+engine falls back when the kernel cannot be built.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from test_models import _dense_attention
+from tureen.errors import ConfigError
+from tureen.executor import cpu_kernels
+from tureen.executor.attention import Workspace, build_attention_metadata, paged_attention, write_kv
+from tureen.executor.models.layers import Linear
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    return cpu_kernels.paged_decode_kernel("on", CPU, torch.float32, 64)
+
+
+def _filled_cache(ctx_lens, heads_kv, d, bs, fill=0.0, seed=0):
+    """A cache holding each sequence's context under a shuffled block table, plus that context."""
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = sum(-(-c // bs) for c in ctx_lens) + 3
+    cache = torch.full((2, num_blocks, bs, heads_kv, d), fill)
+    free = torch.randperm(num_blocks, generator=g).tolist()
+    tables, history = [], []
+    for c in ctx_lens:
+        tbl = [free.pop() for _ in range(-(-c // bs))]
+        k, v = torch.randn(c, heads_kv, d, generator=g), torch.randn(c, heads_kv, d, generator=g)
+        write_kv(cache, k, v, torch.tensor([tbl[p // bs] * bs + p % bs for p in range(c)], dtype=torch.long))
+        tables.append(tbl)
+        history.append((k, v))
+    return cache, tables, history
+
+
+@pytest.mark.parametrize("heads,kv_heads,d,bs,window", [
+    (6, 2, 64, 16, None),   # the demo model's shape
+    (4, 1, 16, 4, None),    # multi-query
+    (8, 8, 128, 16, None),  # multi-head, wide heads
+    (4, 2, 24, 8, 7),       # head_dim not a multiple of 64; sliding window
+    (2, 1, 8, 1, 3),        # one-token blocks
+])
+def test_decode_kernel_matches_dense_attention(kernel, heads, kv_heads, d, bs, window):
+    ctx_lens = [1, 2, bs, bs + 1, 3 * bs - 1, 37, 100]
+    cache, tables, history = _filled_cache(ctx_lens, kv_heads, d, bs, fill=float("nan"))  # never read
+    n, width = len(ctx_lens), max(len(t) for t in tables)
+    block_table = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    # q rows with a gap between them (a view into a wider buffer), as the kernel may receive
+    q = torch.randn(n, heads + 1, d)[:, :heads]
+    out = torch.empty(n, heads, d)
+    kernel(q, cache, block_table, torch.tensor(ctx_lens), out, window, d ** -0.5)
+    for i, (c, (k, v)) in enumerate(zip(ctx_lens, history)):
+        ref = _dense_attention(q[i:i + 1], k, v, [c - 1], window)
+        torch.testing.assert_close(out[i:i + 1], ref, atol=2e-6, rtol=1e-5)
+
+
+def test_paged_attention_uses_the_kernel_for_decode_rows(kernel):
+    """A mixed step (decode rows and prefill chunks) is identical with and without the kernel."""
+    torch.manual_seed(0)
+    heads, kv_heads, d, bs = 4, 2, 16, 4
+    reqs = [(5, 1), (0, 1), (12, 1), (0, 6), (9, 4)]  # (start_pos, query_len)
+    cache, tables, _ = _filled_cache([s + q for s, q in reqs], kv_heads, d, bs)
+    total = sum(q for _, q in reqs)
+    q, k, v = torch.randn(total, heads, d), torch.randn(total, kv_heads, d), torch.randn(total, kv_heads, d)
+    outs = []
+    for decode_kernel in (None, kernel):
+        meta = build_attention_metadata([n for _, n in reqs], [s for s, _ in reqs], tables, bs, CPU, Workspace(),
+                                        decode_kernel)
+        assert meta.decode_kernel is decode_kernel
+        outs.append(paged_attention(q, k, v, cache.clone(), meta, None))
+    torch.testing.assert_close(outs[1], outs[0], atol=2e-6, rtol=1e-5)
+
+
+def test_kernel_is_built_once_per_source_and_cpu(tmp_path, monkeypatch):
+    cpu_kernels._load_paged_decode.cache_clear()
+    monkeypatch.setenv("TUREEN_CACHE_DIR", str(tmp_path))
+    first = cpu_kernels.paged_decode_kernel("on", CPU, torch.float32, 64)
+    built = list((tmp_path / "kernels").glob("paged_attention-*.so"))
+    assert [first.path] == built
+    mtime = built[0].stat().st_mtime_ns
+    cpu_kernels._load_paged_decode.cache_clear()
+    again = cpu_kernels.paged_decode_kernel("on", CPU, torch.float32, 64)
+    assert again.path == first.path and again.path.stat().st_mtime_ns == mtime  # reused, not rebuilt
+    cpu_kernels._load_paged_decode.cache_clear()
+
+
+def test_build_failure_falls_back_with_a_warning_or_fails_when_required(tmp_path, monkeypatch, caplog):
+    cpu_kernels._load_paged_decode.cache_clear()
+    monkeypatch.setenv("TUREEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    with caplog.at_level(logging.WARNING, logger="tureen.executor"):
+        assert cpu_kernels.paged_decode_kernel("auto", CPU, torch.float32, 64) is None
+    assert "compiling csrc/paged_attention.c failed" in caplog.text
+    with pytest.raises(ConfigError, match="cpu_kernels='on'"):
+        cpu_kernels.paged_decode_kernel("on", CPU, torch.float32, 64)
+    assert cpu_kernels.paged_decode_kernel("off", CPU, torch.float32, 64) is None
+    assert not list(tmp_path.glob("kernels/*.so"))
+    cpu_kernels._load_paged_decode.cache_clear()
+
+
+@pytest.mark.parametrize("dtype,head_dim", [(torch.bfloat16, 64), (torch.float32, 12)])
+def test_unsupported_configurations_use_torch_ops(dtype, head_dim):
+    assert cpu_kernels.paged_decode_kernel("auto", CPU, dtype, head_dim) is None
+    with pytest.raises(ConfigError):
+        cpu_kernels.paged_decode_kernel("on", CPU, dtype, head_dim)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_matches_f_linear_and_drops_the_plain_weight(bias):
+    torch.manual_seed(0)
+    layer = Linear(48, 40, bias)
+    for p in layer.parameters():
+        p.data.normal_()
+    weight, b = layer.weight.detach().clone(), None if layer.bias is None else layer.bias.detach().clone()
+    layer.pack_for_cpu()
+    assert layer.weight is None and "weight" not in dict(layer.named_parameters())
+    for rows in (1, 7, 130):
+        x = torch.randn(rows, 48)
+        torch.testing.assert_close(layer(x), F.linear(x, weight, b), atol=1e-5, rtol=1e-5)
