@@ -22,8 +22,8 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def kernel():
-    return cpu_kernels.paged_decode_kernel("on", CPU, torch.float32, 64)
+def ops():
+    return cpu_kernels.load_cpu_ops("on", CPU, torch.float32, 64)
 
 
 def _filled_cache(ctx_lens, heads_kv, d, bs, fill=0.0, seed=0):
@@ -49,7 +49,7 @@ def _filled_cache(ctx_lens, heads_kv, d, bs, fill=0.0, seed=0):
     (4, 2, 24, 8, 7),       # head_dim not a multiple of 64; sliding window
     (2, 1, 8, 1, 3),        # one-token blocks
 ])
-def test_decode_kernel_matches_dense_attention(kernel, heads, kv_heads, d, bs, window):
+def test_decode_kernel_matches_dense_attention(ops, heads, kv_heads, d, bs, window):
     ctx_lens = [1, 2, bs, bs + 1, 3 * bs - 1, 37, 100]
     cache, tables, history = _filled_cache(ctx_lens, kv_heads, d, bs, fill=float("nan"))  # never read
     n, width = len(ctx_lens), max(len(t) for t in tables)
@@ -57,13 +57,13 @@ def test_decode_kernel_matches_dense_attention(kernel, heads, kv_heads, d, bs, w
     # q rows with a gap between them (a view into a wider buffer), as the kernel may receive
     q = torch.randn(n, heads + 1, d)[:, :heads]
     out = torch.empty(n, heads, d)
-    kernel(q, cache, block_table, torch.tensor(ctx_lens), out, window, d ** -0.5)
+    ops.paged_decode(q, cache, block_table, torch.tensor(ctx_lens), out, window, d ** -0.5)
     for i, (c, (k, v)) in enumerate(zip(ctx_lens, history)):
         ref = _dense_attention(q[i:i + 1], k, v, [c - 1], window)
         torch.testing.assert_close(out[i:i + 1], ref, atol=2e-6, rtol=1e-5)
 
 
-def test_paged_attention_uses_the_kernel_for_decode_rows(kernel):
+def test_paged_attention_uses_the_kernel_for_decode_rows(ops):
     """A mixed step (decode rows and prefill chunks) is identical with and without the kernel."""
     torch.manual_seed(0)
     heads, kv_heads, d, bs = 4, 2, 16, 4
@@ -72,46 +72,46 @@ def test_paged_attention_uses_the_kernel_for_decode_rows(kernel):
     total = sum(q for _, q in reqs)
     q, k, v = torch.randn(total, heads, d), torch.randn(total, kv_heads, d), torch.randn(total, kv_heads, d)
     outs = []
-    for decode_kernel in (None, kernel):
+    for cpu_ops in (None, ops):
         meta = build_attention_metadata([n for _, n in reqs], [s for s, _ in reqs], tables, bs, CPU, Workspace(),
-                                        decode_kernel)
-        assert meta.decode_kernel is decode_kernel
+                                        cpu_ops)
+        assert meta.cpu_ops is cpu_ops
         outs.append(paged_attention(q, k, v, cache.clone(), meta, None))
     torch.testing.assert_close(outs[1], outs[0], atol=2e-6, rtol=1e-5)
 
 
 def test_kernel_is_built_once_per_source_and_cpu(tmp_path, monkeypatch):
-    cpu_kernels._load_paged_decode.cache_clear()
+    cpu_kernels._load.cache_clear()
     monkeypatch.setenv("TUREEN_CACHE_DIR", str(tmp_path))
-    first = cpu_kernels.paged_decode_kernel("on", CPU, torch.float32, 64)
-    built = list((tmp_path / "kernels").glob("paged_attention-*.so"))
+    first = cpu_kernels.load_cpu_ops("on", CPU, torch.float32, 64)
+    built = list((tmp_path / "kernels").glob("cpu_ops-*.so"))
     assert [first.path] == built
     mtime = built[0].stat().st_mtime_ns
-    cpu_kernels._load_paged_decode.cache_clear()
-    again = cpu_kernels.paged_decode_kernel("on", CPU, torch.float32, 64)
+    cpu_kernels._load.cache_clear()
+    again = cpu_kernels.load_cpu_ops("on", CPU, torch.float32, 64)
     assert again.path == first.path and again.path.stat().st_mtime_ns == mtime  # reused, not rebuilt
-    cpu_kernels._load_paged_decode.cache_clear()
+    cpu_kernels._load.cache_clear()
 
 
 def test_build_failure_falls_back_with_a_warning_or_fails_when_required(tmp_path, monkeypatch, caplog):
-    cpu_kernels._load_paged_decode.cache_clear()
+    cpu_kernels._load.cache_clear()
     monkeypatch.setenv("TUREEN_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
     with caplog.at_level(logging.WARNING, logger="tureen.executor"):
-        assert cpu_kernels.paged_decode_kernel("auto", CPU, torch.float32, 64) is None
-    assert "compiling csrc/paged_attention.c failed" in caplog.text
+        assert cpu_kernels.load_cpu_ops("auto", CPU, torch.float32, 64) is None
+    assert "compiling csrc/cpu_ops.c failed" in caplog.text
     with pytest.raises(ConfigError, match="cpu_kernels='on'"):
-        cpu_kernels.paged_decode_kernel("on", CPU, torch.float32, 64)
-    assert cpu_kernels.paged_decode_kernel("off", CPU, torch.float32, 64) is None
+        cpu_kernels.load_cpu_ops("on", CPU, torch.float32, 64)
+    assert cpu_kernels.load_cpu_ops("off", CPU, torch.float32, 64) is None
     assert not list(tmp_path.glob("kernels/*.so"))
-    cpu_kernels._load_paged_decode.cache_clear()
+    cpu_kernels._load.cache_clear()
 
 
 @pytest.mark.parametrize("dtype,head_dim", [(torch.bfloat16, 64), (torch.float32, 12)])
 def test_unsupported_configurations_use_torch_ops(dtype, head_dim):
-    assert cpu_kernels.paged_decode_kernel("auto", CPU, dtype, head_dim) is None
+    assert cpu_kernels.load_cpu_ops("auto", CPU, dtype, head_dim) is None
     with pytest.raises(ConfigError):
-        cpu_kernels.paged_decode_kernel("on", CPU, dtype, head_dim)
+        cpu_kernels.load_cpu_ops("on", CPU, dtype, head_dim)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -126,3 +126,43 @@ def test_packed_linear_matches_f_linear_and_drops_the_plain_weight(bias):
     for rows in (1, 7, 130):
         x = torch.randn(rows, 48)
         torch.testing.assert_close(layer(x), F.linear(x, weight, b), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [384, 13])
+def test_rms_norm_with_and_without_the_residual_add(ops, n):
+    from tureen.executor.models.layers import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(n, 1e-5)
+    norm.weight.data.normal_()
+    x = torch.randn(9, n + 3)[:, :n] * 3  # rows with a gap between them
+    torch.testing.assert_close(ops.rms_norm(x, norm.weight, 1e-5), norm(x), atol=1e-5, rtol=1e-5)
+    residual = torch.randn(9, n)
+    expected_residual = residual + x
+    out = ops.rms_norm(x, norm.weight, 1e-5, residual)
+    torch.testing.assert_close(residual, expected_residual)  # updated in place
+    torch.testing.assert_close(out, norm(expected_residual), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("i", [1024, 21])
+def test_silu_mul(ops, i):
+    torch.manual_seed(0)
+    gate_up = torch.randn(5, 2 * i) * 4
+    gate_up[0, :4] = torch.tensor([-120.0, -88.5, 90.0, 0.0])  # the exp clamps
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(ops.silu_mul(gate_up), F.silu(gate) * up, atol=1e-5, rtol=1e-5)
+
+
+def test_rope_in_place_on_a_strided_view(ops):
+    from tureen.executor.models.layers import RopeConfig, RotaryEmbedding, apply_rotary
+
+    torch.manual_seed(0)
+    t, heads, d = 7, 5, 16
+    rope = RotaryEmbedding(RopeConfig(head_dim=d, theta=10000.0))
+    cos, sin = rope.cos_sin(torch.tensor([0, 1, 2, 40, 41, 300, 1000]), torch.float32)
+    rows = torch.randn(t, (heads + 2) * d)  # rope the first `heads` heads of each row
+    view = rows[:, :heads * d].view(t, heads, d)
+    expected, untouched = apply_rotary(view.clone(), cos, sin), rows[:, heads * d:].clone()
+    ops.rope_(view, cos, sin)
+    torch.testing.assert_close(view, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(rows[:, heads * d:], untouched)

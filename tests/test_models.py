@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from checkpoints import ARCHS
 from tureen.errors import ModelLoadError, UnsupportedArchitectureError
 from tureen.executor.attention import Workspace, build_attention_metadata, paged_attention, write_kv
+from tureen.executor.cpu_kernels import load_cpu_ops
 from tureen.executor.loader import load_hf_config, load_model, resolve_checkpoint, resolve_dtype
 from tureen.executor.models.layers import DecoderArgs, rope_inv_freq
 from tureen.executor.models.registry import model_module, supported_architectures
@@ -37,9 +38,13 @@ def save_tiny(out_dir: Path, model_type: str, seed: int = 0, **overrides) -> Pat
 
 
 def tureen_logits(model_dir: Path, ids: list[int], dtype: torch.dtype = torch.float32, block_size: int = 4,
-                  start_blocks: int = 3) -> torch.Tensor:
-    """Full-sequence logits of one prompt through tureen's paged model (non-contiguous blocks)."""
+                  start_blocks: int = 3, native: bool = False) -> torch.Tensor:
+    """Full-sequence logits of one prompt through tureen's paged model (non-contiguous blocks);
+    ``native``: on the native CPU kernels and oneDNN linear layers."""
     model = load_model(model_dir, load_hf_config(model_dir), CPU, dtype)
+    if native:
+        model.use_cpu_ops(load_cpu_ops("on", CPU, dtype, model.head_dim))
+        model.pack_linear_weights_for_cpu()
     n_blocks = -(-len(ids) // block_size)
     blocks = [start_blocks + 2 * i for i in range(n_blocks)][::-1]  # reversed, with holes
     caches = [torch.zeros(2, start_blocks + 2 * n_blocks, block_size, model.num_kv_heads, model.head_dim,
@@ -110,12 +115,13 @@ def test_paged_attention_matches_dense_reference(monkeypatch, heads, kv_heads, w
 
 # ---- every architecture matches transformers ---------------------------------------------------
 
+@pytest.mark.parametrize("native", [False, True], ids=["torch-ops", "native-cpu"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_full_sequence_logits_match_transformers(checkpoint_factory, arch):
+def test_full_sequence_logits_match_transformers(checkpoint_factory, arch, native):
     model_dir = checkpoint_factory(arch)
     vocab = load_hf_config(model_dir)["vocab_size"]
     ids = prompt(40, vocab)  # longer than mistral's sliding window (24)
-    ours, ref = tureen_logits(model_dir, ids), hf_logits(model_dir, ids)
+    ours, ref = tureen_logits(model_dir, ids, native=native), hf_logits(model_dir, ids)
     assert ours.dtype == torch.float32 and ours.shape == ref.shape
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
 
@@ -130,7 +136,9 @@ def test_full_sequence_logits_match_transformers(checkpoint_factory, arch):
 def test_variants_match_transformers(tmp_path, model_type, overrides):
     model_dir = save_tiny(tmp_path, model_type, **overrides)
     ids = prompt(30, 128)
-    torch.testing.assert_close(tureen_logits(model_dir, ids), hf_logits(model_dir, ids), atol=1e-4, rtol=1e-4)
+    ref = hf_logits(model_dir, ids)
+    torch.testing.assert_close(tureen_logits(model_dir, ids), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(tureen_logits(model_dir, ids, native=True), ref, atol=1e-4, rtol=1e-4)
 
 
 def test_sliding_window_changes_the_output(tmp_path):

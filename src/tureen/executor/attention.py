@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tureen.executor.cpu_kernels import PagedDecodeKernel
+from tureen.executor.cpu_kernels import CpuOps
 
 # Decode rows (sorted by context length) are split into at most MAX_DECODE_GROUPS padded groups
 # of at least MIN_DECODE_GROUP rows. Small groups pad less and their gathered K/V stays in cache;
@@ -130,12 +130,12 @@ class AttentionMetadata:
     decode_groups: list[DecodeGroup]
     prefills: list[PrefillSeq]
     workspace: Workspace
-    decode_kernel: PagedDecodeKernel | None = None
+    cpu_ops: CpuOps | None = None  # native decode attention (CPU, float32)
 
 
 def build_attention_metadata(query_lens: list[int], start_positions: list[int], block_tables: list[list[int]],
                              block_size: int, device: torch.device, workspace: Workspace,
-                             decode_kernel: PagedDecodeKernel | None = None) -> AttentionMetadata:
+                             cpu_ops: CpuOps | None = None) -> AttentionMetadata:
     """Index tensors for one step from per-request Python lists (requests in step row order)."""
     for q, s, tbl in zip(query_lens, start_positions, block_tables):
         if len(tbl) * block_size < s + q:
@@ -145,7 +145,7 @@ def build_attention_metadata(query_lens: list[int], start_positions: list[int], 
     decode_ctx = [s + 1 for s in start_positions[:num_decodes]]
     # One group where padding is cheap: the native kernel never reads it, and on CUDA a kernel
     # launch costs more than the padded work.
-    max_groups = 1 if decode_kernel is not None or device.type == "cuda" else MAX_DECODE_GROUPS
+    max_groups = 1 if cpu_ops is not None or device.type == "cuda" else MAX_DECODE_GROUPS
     groups = _decode_groups(decode_ctx, block_tables[:num_decodes], block_size, device, max_groups)
     row_starts = list(accumulate(query_lens, initial=0))
     prefills = [
@@ -155,7 +155,7 @@ def build_attention_metadata(query_lens: list[int], start_positions: list[int], 
         for i in range(num_decodes, len(query_lens))
     ]
     return AttentionMetadata(positions.to(device), slot_mapping.to(device), block_size, groups, prefills, workspace,
-                             decode_kernel)
+                             cpu_ops)
 
 
 def _positions_and_slots(query_lens: list[int], start_positions: list[int], block_tables: list[list[int]],
@@ -220,9 +220,9 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, meta: Att
     write_kv(kv_cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
     for g in meta.decode_groups:
-        if meta.decode_kernel is not None:
-            meta.decode_kernel(q[g.start:g.end], kv_cache, g.block_table.view(g.end - g.start, g.max_blocks),
-                               g.context_lens, out[g.start:g.end], window, q.shape[-1] ** -0.5)
+        if meta.cpu_ops is not None:
+            meta.cpu_ops.paged_decode(q[g.start:g.end], kv_cache, g.block_table.view(g.end - g.start, g.max_blocks),
+                                      g.context_lens, out[g.start:g.end], window, q.shape[-1] ** -0.5)
         else:
             out[g.start:g.end] = _decode_attention(q[g.start:g.end], kv_cache, g, window, meta)
     for p in meta.prefills:

@@ -1,16 +1,18 @@
 """Native CPU kernels: built once with the system C compiler, loaded with ctypes, optional.
 
-Two things make CPU decoding fast and plain torch ops do neither:
+Plain torch ops leave two large costs on the table when decoding on a CPU:
 
-- **Paged decode attention** (``csrc/paged_attention.c``): reads K/V in place through the block
-  tables. The torch path gathers every block into a padded buffer and lets SDPA read it again, so it
-  moves each cached row across the memory bus three times. The C file is compiled on first use
-  (``cc -O3 -march=native -fopenmp``, well under a second) into
+- **Paged decode attention** and the small per-token operations around it, in
+  ``csrc/cpu_ops.c``. The torch attention path gathers every block into a padded buffer and lets
+  SDPA read it again, so each cached K/V row crosses the memory bus three times; the C kernel reads
+  it once, in place, through the block table. The same file has RMSNorm fused with the residual
+  add, silu(gate) * up, and in-place rotary embedding (one pass each instead of three to five torch
+  ops). It is compiled on first use (``cc -O3 -march=native -fopenmp``, about a second) into
   ``$TUREEN_CACHE_DIR/kernels/`` under a name hashed from the source, the flags and the CPU, so a
-  changed source, compiler or machine gets its own build. It links the same ``libgomp.so.1`` soname
-  that torch ships, so it runs on torch's OpenMP threads.
+  changed source, compiler or machine gets its own build. It links the ``libgomp.so.1`` soname that
+  torch ships, so it runs on torch's own OpenMP threads.
 - **float32 linear layers on oneDNN with weights pre-packed** once at load time
-  (``torch.ops.mkldnn``, part of every x86 CPU build of torch): 1.2-1.5x the GEMM throughput of
+  (``torch.ops.mkldnn``, part of torch's x86 CPU builds): 1.2-1.5x the GEMM throughput of
   ``F.linear`` at decode batch sizes, and 2-4x on the LM head.
 
 ``cpu_kernels="auto"`` uses them when they build and load, and otherwise logs why and falls back to
@@ -38,7 +40,7 @@ from tureen.errors import ConfigError
 
 logger = logging.getLogger("tureen.executor")
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_attention.c"
+SOURCE = Path(__file__).parent / "csrc" / "cpu_ops.c"
 # Tried in order: the first that compiles wins (no -march=native or no OpenMP on odd toolchains).
 _FLAG_SETS = (
     ["-O3", "-march=native", "-fopenmp"],
@@ -70,7 +72,7 @@ def _build(cache_dir: Path) -> Path:
     for flags in _FLAG_SETS:
         key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags + _COMMON_FLAGS).encode(),
                                          _cpu_signature().encode()])).hexdigest()[:16]
-        target = cache_dir / f"paged_attention-{key}.so"
+        target = cache_dir / f"cpu_ops-{key}.so"
         if target.is_file():
             return target
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -84,74 +86,127 @@ def _build(cache_dir: Path) -> Path:
             errors.append(f"{' '.join(cmd)}: {e}")
         if proc is not None and proc.returncode == 0:
             os.replace(tmp, target)  # atomic: concurrent builders each install a complete file
-            logger.info("built the CPU paged-attention kernel: %s", target)
+            logger.info("built the native CPU kernels: %s", target)
             return target
         Path(tmp).unlink(missing_ok=True)
         if proc is not None:
             errors.append(f"{' '.join(cmd)}: {proc.stderr.strip()[-500:]}")
-    raise KernelUnavailable("compiling csrc/paged_attention.c failed:\n" + "\n".join(errors))
+    raise KernelUnavailable("compiling csrc/cpu_ops.c failed:\n" + "\n".join(errors))
 
 
-class PagedDecodeKernel:
-    """ctypes binding of ``tureen_paged_decode_f32`` (see the C file for layouts)."""
+def _check_f32(name: str, t: Tensor, contiguous: bool = True) -> None:
+    if t.dtype != torch.float32 or t.device.type != "cpu" or (contiguous and not t.is_contiguous()):
+        raise ValueError(f"{name} must be a{' contiguous' if contiguous else ''} float32 CPU tensor")
+
+
+def _rows(t: Tensor) -> tuple[int, int]:
+    """(rows, row stride) of a tensor whose rows are each contiguous (the trailing dims dense)."""
+    inner = t[0].numel() if t.dim() > 1 and t.shape[0] else t.shape[-1]
+    if t.dim() > 1 and not t[0].is_contiguous():
+        raise ValueError("each row must be contiguous")
+    return t.shape[0], (t.stride(0) if t.dim() > 1 else inner)
+
+
+class CpuOps:
+    """ctypes bindings of ``csrc/cpu_ops.c`` (layouts are documented there); float32 CPU tensors."""
 
     def __init__(self, path: Path) -> None:
         try:
             lib = ctypes.CDLL(str(path))
         except OSError as e:
             raise KernelUnavailable(f"loading {path} failed: {e}") from e
-        self._fn = lib.tureen_paged_decode_f32
-        self._fn.restype = ctypes.c_int
-        self._fn.argtypes = [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64,
-                             _I64, ctypes.c_float, ctypes.c_int]
         self.path = path
+        f32, i32 = ctypes.c_float, ctypes.c_int
+        self._decode = self._bind(lib.tureen_paged_decode_f32, ctypes.c_int, [
+            _PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _I64, f32, i32])
+        self._rms_norm = self._bind(lib.tureen_rms_norm_f32, None,
+                                    [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, f32, i32])
+        self._silu_mul = self._bind(lib.tureen_silu_mul_f32, None, [_PTR, _PTR, _I64, _I64, i32])
+        self._rope = self._bind(lib.tureen_rope_f32, None, [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, i32])
 
-    def __call__(self, q: Tensor, kv_cache: Tensor, block_table: Tensor, context_lens: Tensor, out: Tensor,
-                 window: int | None, scale: float) -> None:
-        """q, out: (n, H, D) float32 with contiguous heads; kv_cache (2, blocks, block_size, Hkv, D);
+    @staticmethod
+    def _bind(fn, restype, argtypes):
+        fn.restype, fn.argtypes = restype, argtypes
+        return fn
+
+    def paged_decode(self, q: Tensor, kv_cache: Tensor, block_table: Tensor, context_lens: Tensor, out: Tensor,
+                     window: int | None, scale: float) -> None:
+        """q, out: (n, H, D) with contiguous heads; kv_cache (2, blocks, block_size, Hkv, D);
         block_table (n, max_blocks) int64; context_lens (n,) int64. Writes out in place."""
         n, h, d = q.shape
         _, _, bs, hkv, _ = kv_cache.shape
         for name, t in (("q", q), ("out", out)):
-            if t.dtype != torch.float32 or t.stride(2) != 1 or t.stride(1) != d:
-                raise ValueError(f"{name} must be float32 (n, H, D) with contiguous heads")
-        if not (kv_cache.is_contiguous() and block_table.is_contiguous() and context_lens.is_contiguous()):
-            raise ValueError("kv_cache, block_table and context_lens must be contiguous")
-        if block_table.dtype != torch.int64 or context_lens.dtype != torch.int64 or block_table.shape[0] != n:
-            raise ValueError("block_table (n, max_blocks) and context_lens (n,) must be int64")
-        rc = self._fn(q.data_ptr(), q.stride(0), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
-                      block_table.data_ptr(), block_table.shape[1], context_lens.data_ptr(), out.data_ptr(),
-                      out.stride(0), n, h, hkv, d, bs, window or 0, scale, torch.get_num_threads())
+            _check_f32(name, t, contiguous=False)
+            _rows(t)
+        _check_f32("kv_cache", kv_cache)
+        for name, t in (("block_table", block_table), ("context_lens", context_lens)):
+            if t.dtype != torch.int64 or not t.is_contiguous() or t.shape[0] != n:
+                raise ValueError(f"{name} must be a contiguous int64 tensor with one row per query")
+        rc = self._decode(q.data_ptr(), q.stride(0), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
+                          block_table.data_ptr(), block_table.shape[1], context_lens.data_ptr(), out.data_ptr(),
+                          out.stride(0), n, h, hkv, d, bs, window or 0, scale, torch.get_num_threads())
         if rc != 0:
             raise MemoryError("paged attention kernel could not allocate its scratch buffers")
 
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> Tensor:
+        """RMSNorm of x (T, N); with ``residual``, first ``residual += x`` (in place) and normalise that."""
+        _check_f32("x", x, contiguous=False)
+        _check_f32("weight", weight)
+        rows, stride = _rows(x)
+        if residual is not None:
+            _check_f32("residual", residual)
+            if residual.shape != x.shape:
+                raise ValueError("residual must have the shape of x")
+        out = torch.empty(x.shape, dtype=x.dtype)
+        self._rms_norm(x.data_ptr(), stride, 0 if residual is None else residual.data_ptr(), weight.data_ptr(),
+                       out.data_ptr(), rows, x.shape[-1], eps, torch.get_num_threads())
+        return out
+
+    def silu_mul(self, gate_up: Tensor) -> Tensor:
+        """(T, 2I) -> silu(gate_up[:, :I]) * gate_up[:, I:], (T, I)."""
+        _check_f32("gate_up", gate_up)
+        t, two_i = gate_up.shape
+        out = torch.empty(t, two_i // 2, dtype=gate_up.dtype)
+        self._silu_mul(gate_up.data_ptr(), out.data_ptr(), t, two_i // 2, torch.get_num_threads())
+        return out
+
+    def rope_(self, x: Tensor, cos: Tensor, sin: Tensor) -> None:
+        """Rotate-half RoPE in place on x (T, heads, D) with contiguous heads; cos/sin (T, [1,] D)."""
+        _check_f32("x", x, contiguous=False)
+        rows, stride = _rows(x)
+        for name, t in (("cos", cos), ("sin", sin)):
+            _check_f32(name, t)
+            if t.numel() != rows * x.shape[-1]:
+                raise ValueError(f"{name} must hold one (D,) row per token")
+        self._rope(x.data_ptr(), stride, rows, x.shape[1], x.shape[2], cos.data_ptr(), sin.data_ptr(),
+                   torch.get_num_threads())
+
 
 @functools.cache
-def _load_paged_decode(cache_dir: Path) -> PagedDecodeKernel:
-    return PagedDecodeKernel(_build(cache_dir))
+def _load(cache_dir: Path) -> CpuOps:
+    return CpuOps(_build(cache_dir))
 
 
-def paged_decode_kernel(mode: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> PagedDecodeKernel | None:
-    """The decode kernel for this engine, or None for the torch path (``mode``: auto | on | off)."""
+def load_cpu_ops(mode: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> CpuOps | None:
+    """The native ops for this engine, or None for plain torch ops (``mode``: auto | on | off)."""
     if mode == "off":
         return None
-    unsupported = ("it runs on CPU only" if device.type != "cpu" else
-                   "it supports float32 only" if dtype != torch.float32 else
-                   "it needs head_dim to be a multiple of 8" if head_dim % 8 else None)
+    unsupported = ("they run on CPU only" if device.type != "cpu" else
+                   "they support float32 only" if dtype != torch.float32 else
+                   "the attention kernel needs head_dim to be a multiple of 8" if head_dim % 8 else None)
     failed = False
     if unsupported is None:
         from tureen.demo import default_cache_dir
 
         try:
-            return _load_paged_decode(default_cache_dir() / "kernels")
+            return _load(default_cache_dir() / "kernels")
         except KernelUnavailable as e:
             unsupported, failed = str(e), True
     if mode == "on":
-        raise ConfigError(f"cpu_kernels='on' but the paged-attention kernel cannot be used: {unsupported}")
+        raise ConfigError(f"cpu_kernels='on' but the native CPU kernels cannot be used: {unsupported}")
     if device.type == "cpu":
         logger.log(logging.WARNING if failed else logging.INFO,
-                   "CPU paged-attention kernel not used (%s); decode attention runs on torch ops (slower)",
-                   unsupported)
+                   "native CPU kernels not used (%s); running on plain torch ops (slower)", unsupported)
     return None
 
 

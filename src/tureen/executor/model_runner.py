@@ -20,7 +20,7 @@ from tureen.config import EngineConfig
 from tureen.engine.messages import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from tureen.errors import ConfigError, InvalidRequestError
 from tureen.executor.attention import AttentionMetadata, Workspace, build_attention_metadata
-from tureen.executor.cpu_kernels import onednn_linear_available, paged_decode_kernel
+from tureen.executor.cpu_kernels import load_cpu_ops, onednn_linear_available
 from tureen.executor.loader import load_hf_config, load_model, resolve_dtype
 from tureen.executor.sampler import Sampler, SamplingMetadata
 
@@ -62,13 +62,15 @@ class ModelRunner:
         self.workspace = Workspace()
         self.sampler = Sampler()
         mode = config.device.cpu_kernels
-        self.decode_kernel = paged_decode_kernel(mode, self.device, self.dtype, self.head_dim)
+        self.cpu_ops = load_cpu_ops(mode, self.device, self.dtype, self.head_dim)
+        if self.cpu_ops is not None:
+            self.model.use_cpu_ops(self.cpu_ops)
         self.packed_linear = onednn_linear_available(mode, self.device, self.dtype)
         if self.packed_linear:
             self.model.pack_linear_weights_for_cpu()
-        logger.info("loaded %s (%s) on %s in %s; decode attention: %s; linear layers: %s", checkpoint_dir,
+        logger.info("loaded %s (%s) on %s in %s; attention and norms: %s; linear layers: %s", checkpoint_dir,
                     type(self.model).__name__, self.device, str(self.dtype).removeprefix("torch."),
-                    "native CPU kernel" if self.decode_kernel else "torch ops",
+                    "native CPU kernels" if self.cpu_ops else "torch ops",
                     "oneDNN, pre-packed weights" if self.packed_linear else "torch F.linear")
 
     # ---- KV cache ---------------------------------------------------------------------------
@@ -143,7 +145,7 @@ class ModelRunner:
         self._check_token_ids(input_ids, ordered)
         meta = build_attention_metadata([r.num_tokens for r in ordered], [r.start_pos for r in ordered],
                                         [r.block_ids for r in ordered], self.block_size, self.device,
-                                        self.workspace, self.decode_kernel)
+                                        self.workspace, self.cpu_ops)
         last_row, row = [0] * len(reqs), 0
         for i in order:
             row += reqs[i].num_tokens

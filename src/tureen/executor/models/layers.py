@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from tureen.errors import ModelLoadError, UnsupportedArchitectureError
 from tureen.executor.attention import AttentionMetadata, paged_attention
-from tureen.executor.cpu_kernels import pack_linear_weight, packed_linear
+from tureen.executor.cpu_kernels import CpuOps, pack_linear_weight, packed_linear
 
 # Hugging Face checkpoint name fragment -> (fused parameter fragment, shard id).
 # q/k/v projections live in one ``qkv_proj``; gate/up in one ``gate_up_proj``.
@@ -116,6 +116,8 @@ class DecoderArgs:
 
 
 class RMSNorm(nn.Module):
+    cpu_ops: CpuOps | None = None  # set by CausalLM.use_cpu_ops
+
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
@@ -125,6 +127,16 @@ class RMSNorm(nn.Module):
         # Normalise in float32, scale in the activation dtype (what the reference models do).
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * y.to(x.dtype)
+
+    def add_and_norm(self, x: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The residual stream: ``residual += x`` (``residual = x`` when None), then the norm of it.
+
+        Returns (normalised, residual). On the native ops this is one pass over the rows.
+        """
+        if self.cpu_ops is not None:
+            return self.cpu_ops.rms_norm(x, self.weight, self.eps, residual), x if residual is None else residual
+        residual = x if residual is None else residual.add_(x)
+        return self(residual), residual
 
 
 @dataclass
@@ -277,13 +289,18 @@ class QKVLinear(ShardedLinear):
 class GatedMLP(nn.Module):
     """down(silu(gate(x)) * up(x)), gate and up fused in one matmul."""
 
+    cpu_ops: CpuOps | None = None  # set by CausalLM.use_cpu_ops
+
     def __init__(self, hidden: int, intermediate: int, bias: bool) -> None:
         super().__init__()
         self.gate_up_proj = ShardedLinear(hidden, {0: intermediate, 1: intermediate}, bias)
         self.down_proj = Linear(intermediate, hidden, bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (T, I) each
+        gate_up = self.gate_up_proj(x)  # (T, 2I)
+        if self.cpu_ops is not None:
+            return self.down_proj(self.cpu_ops.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)  # (T, I) each
         act = F.silu(gate)
         act *= up  # in place: one (T, I) temporary fewer
         return self.down_proj(act)
@@ -306,6 +323,8 @@ class AttentionSpec:
 
 
 class Attention(nn.Module):
+    cpu_ops: CpuOps | None = None  # set by CausalLM.use_cpu_ops
+
     def __init__(self, spec: AttentionSpec) -> None:
         super().__init__()
         self.spec = spec
@@ -317,14 +336,21 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], meta: AttentionMetadata, kv_cache: Tensor) -> Tensor:
         s = self.spec
-        qkv = self.qkv_proj(x)
+        qkv = self.qkv_proj(x)  # (T, q_size + 2 * kv_size)
         q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1)
         q = q.view(-1, s.num_heads, s.head_dim)  # (T, H, D)
         k = k.view(-1, s.num_kv_heads, s.head_dim)  # (T, Hkv, D)
         v = v.view(-1, s.num_kv_heads, s.head_dim)  # (T, Hkv, D)
         if s.qk_norm_eps is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if self.cpu_ops is None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        elif s.qk_norm_eps is None:  # q and k heads are adjacent in each qkv row: one in-place pass
+            self.cpu_ops.rope_(qkv[:, :self.qkv_proj.q_size + self.qkv_proj.kv_size].view(
+                -1, s.num_heads + s.num_kv_heads, s.head_dim), *rope)
+        else:
+            self.cpu_ops.rope_(q, *rope)
+            self.cpu_ops.rope_(k, *rope)
         out = paged_attention(q, k, v, kv_cache, meta, s.sliding_window)  # (T, H, D)
         return self.o_proj(out.view(-1, s.num_heads * s.head_dim))  # (T, H*D) -> (T, hidden)
 
@@ -362,9 +388,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, eps)
         self.mlp = GatedMLP(spec.hidden_size, intermediate_size, mlp_bias)
 
-    def forward(self, h: Tensor, rope: tuple[Tensor, Tensor], meta: AttentionMetadata, kv_cache: Tensor) -> Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), rope, meta, kv_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, x: Tensor, residual: Tensor | None, rope: tuple[Tensor, Tensor], meta: AttentionMetadata,
+                kv_cache: Tensor) -> tuple[Tensor, Tensor]:
+        """x: the previous layer's output (the embeddings for layer 0), not yet added to the residual
+        stream; residual: the stream so far (None for layer 0). Returns this layer's (x, residual)."""
+        x, residual = self.input_layernorm.add_and_norm(x, residual)
+        x = self.self_attn(x, rope, meta, kv_cache)
+        x, residual = self.post_attention_layernorm.add_and_norm(x, residual)
+        return self.mlp(x), residual
 
 
 class DecoderModel(nn.Module):
@@ -382,9 +413,10 @@ class DecoderModel(nn.Module):
                 kv_caches: list[Tensor]) -> Tensor:
         h = self.embed_tokens(input_ids)  # (T, hidden)
         rope = self.rotary_emb.cos_sin(positions, h.dtype)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            h = layer(h, rope, meta, kv_cache)
-        return self.norm(h)
+            h, residual = layer(h, residual, rope, meta, kv_cache)
+        return self.norm.add_and_norm(h, residual)[0]
 
 
 class CausalLM(nn.Module):
@@ -408,6 +440,12 @@ class CausalLM(nn.Module):
 
     def tie_weights(self) -> None:
         self.lm_head.weight = self.model.embed_tokens.weight
+
+    def use_cpu_ops(self, ops: CpuOps) -> None:
+        """Run norms, RoPE and the MLP activation on the native CPU kernels."""
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, GatedMLP, Attention)):
+                module.cpu_ops = ops
 
     def pack_linear_weights_for_cpu(self) -> None:
         """Move every linear layer (and the LM head) to oneDNN with pre-packed weights."""

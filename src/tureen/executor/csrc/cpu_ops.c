@@ -1,22 +1,18 @@
-/* Paged attention for single-token queries (decode rows), float32, CPU.
+/* tureen's native CPU operations, float32. Loaded with ctypes by executor/cpu_kernels.py.
  *
- * Keys and values are read in place from the block pool through each sequence's block table:
- * no gather into a padded buffer and no mask, so each cached K/V row crosses the memory bus once.
- * One work item is one sequence (all heads: a cached row holds every kv head, so the whole row is
- * used while it is in cache). Items are spread over OpenMP threads; built against torch's own
- * libgomp (same soname), the kernel shares torch's thread pool.
+ * Built with OpenMP against the libgomp.so.1 soname that torch itself ships, so every parallel
+ * region here runs on torch's own thread pool. Each function takes raw pointers and element
+ * strides; the Python side checks dtypes, shapes and contiguity before calling.
  *
- * Layouts (element strides; float32 unless noted):
- *   q             (n, H, D), rows q_stride apart, heads contiguous
- *   k_cache       (num_blocks, block_size, Hkv, D) contiguous; v_cache the same
- *   block_tables  (n, max_blocks) int64 row-major; entries past a sequence's context are never read
- *   context_lens  (n,) int64: positions 0 .. context_len - 1 are visible
- *   out           (n, H, D), rows out_stride apart
- * Query head h reads kv head h / (H / Hkv) (grouped-query attention). window > 0 keeps only the
- * last `window` positions visible (sliding-window attention). D must be a multiple of 8.
+ * 1. tureen_paged_decode_f32: attention for single-token queries (decode rows) that reads keys and
+ *    values in place from the paged KV cache through each sequence's block table. The torch path
+ *    gathers the blocks into a padded buffer and lets SDPA read that again; here each cached row
+ *    crosses the memory bus once.
+ * 2. tureen_rms_norm_f32: RMSNorm, optionally fused with the residual add before it.
+ * 3. tureen_silu_mul_f32: silu(gate) * up from the fused gate/up projection.
+ * 4. tureen_rope_f32: rotate-half rotary embedding, in place.
  *
- * Softmax: scores for the whole context in a per-thread buffer, their maximum, exp-weights, the
- * weighted sum of values, one division. Everything is float32, as in the reference models.
+ * Everything is float32, as in the reference models; results match torch up to float rounding.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -45,12 +41,16 @@ static inline v8 hsum8x8(v8 a0, v8 a1, v8 a2, v8 a3, v8 a4, v8 a5, v8 a6, v8 a7)
            __builtin_shufflevector(s0123, s4567, 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
-/* exp(x) for x <= 0, 8 lanes: Cephes-style range reduction and degree-6 polynomial (about 1 ulp). */
-static inline v8 exp8_nonpositive(v8 x) {
-    const v8i below = x < splat8(-87.0f);
-    x = (v8)(((v8i)x & ~below) | ((v8i)splat8(-87.0f) & below));
-    const v8i ni = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, v8i); /* round(x / ln2), x <= 0 */
-    const v8 n = __builtin_convertvector(ni, v8);
+static inline v8 select8(v8i mask, v8 a, v8 b) { return (v8)(((v8i)a & mask) | ((v8i)b & ~mask)); }
+
+/* exp(x), 8 lanes, x clamped to [-87, 88]: Cephes-style range reduction and a degree-6 polynomial
+ * (about 1 ulp). Plain loops over libm's expf do not vectorize without -ffast-math. */
+static inline v8 exp8(v8 x) {
+    x = select8(x < splat8(-87.0f), splat8(-87.0f), x);
+    x = select8(x > splat8(88.0f), splat8(88.0f), x);
+    const v8 y = x * 1.44269504088896341f;
+    const v8i ni = __builtin_convertvector(y + select8(y < splat8(0.0f), splat8(-0.5f), splat8(0.5f)), v8i);
+    const v8 n = __builtin_convertvector(ni, v8); /* round(x / ln2) */
     const v8 r = (x - n * 0.693359375f) + n * 2.12194440e-4f; /* x - n ln2, in two parts */
     v8 p = splat8(1.9875691500e-4f);
     p = p * r + 1.3981999507e-3f;
@@ -69,14 +69,14 @@ static float softmax_numerators(float *s, int64_t len) {
     int64_t j = 0;
     v8 acc = {0};
     for (; j + 8 <= len; j += 8) {
-        const v8 e = exp8_nonpositive(load8(s + j) - m);
+        const v8 e = exp8(load8(s + j) - m);
         store8(s + j, e);
         acc += e;
     }
     if (j < len) {
         float tail[8] = {0};
         memcpy(tail, s + j, sizeof(float) * (len - j));
-        const v8 e = exp8_nonpositive(load8(tail) - m);
+        const v8 e = exp8(load8(tail) - m);
         for (int64_t t = 0; t < len - j; t++) s[j + t] = e[t], total += e[t];
     }
     return hsum8(acc) + total;
@@ -138,7 +138,21 @@ static inline void block_range(int64_t b, int64_t first, int64_t ctx, int64_t bs
     *hi = ctx < (b + 1) * bs ? ctx - b * bs : bs;
 }
 
-/* One sequence, every head. Scratch: scores (H, ctx - first), acc (H, D), sums (H).
+/* ---- 1. paged decode attention ------------------------------------------------------------
+ *
+ * Layouts (element strides):
+ *   q             (n, H, D), rows q_stride apart, heads contiguous
+ *   k_cache       (num_blocks, block_size, Hkv, D) contiguous; v_cache the same
+ *   block_tables  (n, max_blocks) int64 row-major; entries past a sequence's context are never read
+ *   context_lens  (n,) int64: positions 0 .. context_len - 1 are visible
+ *   out           (n, H, D), rows out_stride apart
+ * Query head h reads kv head h / (H / Hkv) (grouped-query attention). window > 0 keeps only the
+ * last `window` positions visible (sliding-window attention). D must be a multiple of 8.
+ * One work item is one sequence, all heads: a cached row holds every kv head, so the whole row
+ * is used while it is in cache. Softmax: scores for the whole context in a per-thread buffer,
+ * their maximum, exp-weights, the weighted sum of values, one division.
+ *
+ * One sequence, every head. Scratch: scores (H, ctx - first), acc (H, D), sums (H).
  * Pass 1 (keys) also prefetches the value rows, so pass 2 mostly hits the L2 cache. */
 static void attend_sequence(const float *q, const float *k_cache, const float *v_cache, const int64_t *table,
                             int64_t first, int64_t ctx, float *out, Dims dims, float *scores, float *acc,
@@ -198,4 +212,73 @@ int tureen_paged_decode_f32(const float *q, int64_t q_stride, const float *k_cac
         free(scratch);
     }
     return failed ? -1 : 0;
+}
+
+/* ---- 2. RMSNorm, optionally fused with the residual add ------------------------------------
+ *
+ * Row t of x (T, N), rows x_stride apart: when residual (T, N, contiguous) is given, first
+ * residual[t] += x[t]; then out[t] = w * r * 1/sqrt(mean(r^2) + eps) with r the (updated)
+ * residual row, or x[t] itself without one. out (T, N) is contiguous and may alias x. */
+void tureen_rms_norm_f32(const float *x, int64_t x_stride, float *residual, const float *w, float *out,
+                         int64_t T, int64_t N, float eps, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int64_t t = 0; t < T; t++) {
+        const float *in = x + t * x_stride;
+        const float *r = in;
+        if (residual) {
+            float *res = residual + t * N;
+            for (int64_t i = 0; i < N; i++) res[i] += in[i];
+            r = res;
+        }
+        v8 acc = {0};
+        int64_t i = 0;
+        for (; i + 8 <= N; i += 8) acc += load8(r + i) * load8(r + i);
+        float ss = hsum8(acc);
+        for (; i < N; i++) ss += r[i] * r[i];
+        float *o = out + t * N;
+        const float inv = 1.0f / __builtin_sqrtf(ss / (float)N + eps);
+        for (int64_t i = 0; i < N; i++) o[i] = w[i] * (r[i] * inv);
+    }
+}
+
+/* ---- 3. silu(gate) * up ----------------------------------------------------------------------
+ *
+ * gate_up (T, 2I) contiguous: gate in columns [0, I), up in [I, 2I). out (T, I) contiguous. */
+void tureen_silu_mul_f32(const float *gate_up, float *out, int64_t T, int64_t I, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int64_t t = 0; t < T; t++) {
+        const float *g = gate_up + t * 2 * I, *u = g + I;
+        float *o = out + t * I;
+        int64_t i = 0;
+        for (; i + 8 <= I; i += 8) {
+            const v8 gv = load8(g + i);
+            store8(o + i, gv / (1.0f + exp8(-gv)) * load8(u + i));
+        }
+        for (; i < I; i++) {
+            float lane[8] = {-g[i]};
+            o[i] = g[i] / (1.0f + exp8(load8(lane))[0]) * u[i];
+        }
+    }
+}
+
+/* ---- 4. rotary embedding (rotate-half), in place ---------------------------------------------
+ *
+ * x (T, heads, D): row t at x + t * row_stride, heads contiguous. cos, sin (T, D) contiguous.
+ * x[:half] <- x[:half] * cos[:half] - x[half:] * sin[:half]
+ * x[half:] <- x[half:] * cos[half:] + x[:half] * sin[half:] */
+void tureen_rope_f32(float *x, int64_t row_stride, int64_t T, int64_t heads, int64_t D, const float *cos,
+                     const float *sin, int num_threads) {
+    const int64_t half = D / 2;
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int64_t t = 0; t < T; t++) {
+        const float *c = cos + t * D, *s = sin + t * D;
+        for (int64_t h = 0; h < heads; h++) {
+            float *a = x + t * row_stride + h * D, *b = a + half;
+            for (int64_t i = 0; i < half; i++) {
+                const float x1 = a[i], x2 = b[i];
+                a[i] = x1 * c[i] - x2 * s[i];
+                b[i] = x2 * c[half + i] + x1 * s[half + i];
+            }
+        }
+    }
 }
