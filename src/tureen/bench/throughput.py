@@ -70,11 +70,15 @@ def make_workload(vocab_size: int, special_ids: set[int], args: argparse.Namespa
     return Workload(prompts, [rng.randint(*args.output_len) for _ in range(args.num_prompts)])
 
 
-def run_tureen(llm, work: Workload) -> Result:
+WARMUP_OUTPUT_LEN = 8
+
+
+def run_tureen(llm, work: Workload, warmup: list[list[int]]) -> Result:
     from tureen import SamplingParams
 
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in work.output_lens]
-    llm.generate(work.prompts[:2], params[:2], use_tqdm=False)  # warm-up, excluded from timing
+    llm.generate(warmup, SamplingParams(temperature=0.0, max_tokens=WARMUP_OUTPUT_LEN, ignore_eos=True),
+                 use_tqdm=False)  # warm-up, excluded from timing
     start = time.perf_counter()
     outs = llm.generate(work.prompts, params, use_tqdm=True)
     seconds = time.perf_counter() - start
@@ -83,7 +87,7 @@ def run_tureen(llm, work: Workload) -> Result:
     return Result("tureen", seconds, produced, work.num_prompt_tokens)
 
 
-def run_transformers(model_dir: str, dtype: str, work: Workload, batch_size: int) -> Result:
+def run_transformers(model_dir: str, dtype: str, work: Workload, warmup: list[list[int]], batch_size: int) -> Result:
     import torch
     from rich.progress import Progress
     from transformers import AutoModelForCausalLM, GenerationConfig
@@ -93,7 +97,7 @@ def run_transformers(model_dir: str, dtype: str, work: Workload, batch_size: int
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
     model.generation_config.eos_token_id = None  # generate() merges this in; every request runs its full length
     batches = [range(i, min(i + batch_size, len(work.prompts))) for i in range(0, len(work.prompts), batch_size)]
-    _hf_batch(model, GenerationConfig, [work.prompts[0]], 2)  # warm-up
+    _hf_batch(model, GenerationConfig, warmup, WARMUP_OUTPUT_LEN)  # warm-up, excluded from timing
     start = time.perf_counter()
     from rich.console import Console
 
@@ -132,17 +136,20 @@ def run(args: argparse.Namespace) -> int:
     engine = llm.llm_engine
     tok = engine.tokenizer
     work = make_workload(tok.vocab_size, set(tok.all_special_ids), args)
+    # Both engines warm up on one static batch of other prompts (no prefix-cache hits in the timed run).
+    warmup = make_workload(tok.vocab_size, set(tok.all_special_ids), argparse.Namespace(
+        **{**vars(args), "workload_seed": args.workload_seed + 1})).prompts[:args.hf_batch_size]
     print(f"workload: {args.num_prompts} requests, {work.num_prompt_tokens} prompt tokens, "
           f"{work.num_output_tokens} output tokens; model {engine.checkpoint_dir}"
           + (" (demo model: RANDOM weights)" if engine.is_demo_model else ""), file=sys.stderr)
-    results = [run_tureen(llm, work)]
+    results = [run_tureen(llm, work, warmup)]
     if not args.skip_hf:
         try:
             import transformers  # noqa: F401
         except ImportError:
             print("error: transformers is not installed (pip install transformers); or pass --skip-hf", file=sys.stderr)
             return 2
-        results.append(run_transformers(str(engine.checkpoint_dir), kwargs["dtype"], work, args.hf_batch_size))
+        results.append(run_transformers(str(engine.checkpoint_dir), kwargs["dtype"], work, warmup, args.hf_batch_size))
     _report(results, args)
     return 0
 

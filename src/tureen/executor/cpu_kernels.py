@@ -26,10 +26,12 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -100,11 +102,10 @@ def _check_f32(name: str, t: Tensor, contiguous: bool = True) -> None:
 
 
 def _rows(t: Tensor) -> tuple[int, int]:
-    """(rows, row stride) of a tensor whose rows are each contiguous (the trailing dims dense)."""
-    inner = t[0].numel() if t.dim() > 1 and t.shape[0] else t.shape[-1]
-    if t.dim() > 1 and not t[0].is_contiguous():
-        raise ValueError("each row must be contiguous")
-    return t.shape[0], (t.stride(0) if t.dim() > 1 else inner)
+    """(rows, row stride) of a 2-D or 3-D tensor whose rows are each dense (any gap between rows)."""
+    if t.dim() not in (2, 3) or t.stride(-1) != 1 or (t.dim() == 3 and t.stride(1) != t.shape[2]):
+        raise ValueError(f"expected (rows, ...) with each row dense, got shape {tuple(t.shape)} strides {t.stride()}")
+    return t.shape[0], t.stride(0)
 
 
 class CpuOps:
@@ -208,6 +209,35 @@ def load_cpu_ops(mode: str, device: torch.device, dtype: torch.dtype, head_dim: 
         logger.log(logging.WARNING if failed else logging.INFO,
                    "native CPU kernels not used (%s); running on plain torch ops (slower)", unsupported)
     return None
+
+
+# ---- huge pages -----------------------------------------------------------------------------------
+
+_MADV_HUGEPAGE = 14
+_HUGE_PAGE = 2 << 20
+
+
+def empty_with_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """An uninitialised CPU tensor whose memory the kernel is asked to back with 2 MiB pages.
+
+    The paged-attention kernel jumps between blocks scattered over a pool of gigabytes; with 4 KiB
+    pages nearly every block costs a TLB miss. Best effort: on systems without transparent huge
+    pages (or outside Linux) this is a plain ``torch.empty``. madvise must come before the memory
+    is first touched, so the caller initialises the tensor afterwards.
+    """
+    numel = math.prod(shape)
+    nbytes = numel * dtype.itemsize
+    if nbytes < 2 * _HUGE_PAGE or not sys.platform.startswith("linux"):
+        return torch.empty(shape, dtype=dtype)
+    raw = torch.empty(nbytes + _HUGE_PAGE, dtype=torch.uint8)
+    start = -raw.data_ptr() % _HUGE_PAGE
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(raw.data_ptr() + start), ctypes.c_size_t(nbytes // _HUGE_PAGE * _HUGE_PAGE),
+                     _MADV_HUGEPAGE)  # failure (no THP support) leaves ordinary pages: nothing to do
+    except (OSError, AttributeError):
+        pass
+    return raw[start:start + nbytes].view(dtype).view(shape)
 
 
 # ---- oneDNN linear with pre-packed weights -------------------------------------------------------

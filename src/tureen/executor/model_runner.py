@@ -20,7 +20,7 @@ from tureen.config import EngineConfig
 from tureen.engine.messages import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from tureen.errors import ConfigError, InvalidRequestError
 from tureen.executor.attention import AttentionMetadata, Workspace, build_attention_metadata
-from tureen.executor.cpu_kernels import load_cpu_ops, onednn_linear_available
+from tureen.executor.cpu_kernels import empty_with_huge_pages, load_cpu_ops, onednn_linear_available
 from tureen.executor.loader import load_hf_config, load_model, resolve_dtype
 from tureen.executor.sampler import Sampler, SamplingMetadata
 
@@ -96,7 +96,10 @@ class ModelRunner:
         # Zeros, not empty: padded gathers read unwritten slots, and masked garbage that happens to
         # be NaN would still poison the softmax-weighted sum (0 * NaN = NaN).
         shape = (2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        if self.device.type == "cpu":
+            self.kv_caches = [empty_with_huge_pages(shape, self.dtype).zero_() for _ in range(self.num_layers)]
+        else:
+            self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
 
     @torch.inference_mode()
     def _profile_free_cuda_bytes(self) -> int:
