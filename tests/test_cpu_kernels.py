@@ -166,3 +166,16 @@ def test_rope_in_place_on_a_strided_view(ops):
     ops.rope_(view, cos, sin)
     torch.testing.assert_close(view, expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(rows[:, heads * d:], untouched)
+
+
+def test_write_kv_matches_index_copy_and_rejects_slots_outside_the_cache(ops):
+    torch.manual_seed(0)
+    cache, expected = torch.zeros(2, 6, 4, 2, 8), torch.zeros(2, 6, 4, 2, 8)
+    qkv = torch.randn(5, 3 * 16)  # k and v are strided views into it, as in the model
+    k, v = qkv[:, 16:32].view(5, 2, 8), qkv[:, 32:].view(5, 2, 8)
+    slots = torch.tensor([3, 9, 0, 23, 14])
+    ops.write_kv(cache, k, v, slots)
+    write_kv(expected, k, v, slots)
+    assert torch.equal(cache, expected)
+    with pytest.raises(IndexError):
+        ops.write_kv(cache, k, v, torch.tensor([3, 9, 0, 24, 14]))

@@ -217,7 +217,10 @@ def write_kv(kv_cache: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor) -> No
 def paged_attention(q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, meta: AttentionMetadata,
                     window: int | None) -> Tensor:
     """q: (T, H, D); k, v: (T, Hkv, D) of this step -> attention output (T, H, D)."""
-    write_kv(kv_cache, k, v, meta.slot_mapping)
+    if meta.cpu_ops is not None:
+        meta.cpu_ops.write_kv(kv_cache, k, v, meta.slot_mapping)
+    else:
+        write_kv(kv_cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
     for g in meta.decode_groups:
         if meta.cpu_ops is not None:

@@ -97,7 +97,7 @@ def _build(cache_dir: Path) -> Path:
 
 
 def _check_f32(name: str, t: Tensor, contiguous: bool = True) -> None:
-    if t.dtype != torch.float32 or t.device.type != "cpu" or (contiguous and not t.is_contiguous()):
+    if t.dtype != torch.float32 or not t.is_cpu or (contiguous and not t.is_contiguous()):
         raise ValueError(f"{name} must be a{' contiguous' if contiguous else ''} float32 CPU tensor")
 
 
@@ -117,6 +117,7 @@ class CpuOps:
         except OSError as e:
             raise KernelUnavailable(f"loading {path} failed: {e}") from e
         self.path = path
+        self._slots_checked: Tensor | None = None
         f32, i32 = ctypes.c_float, ctypes.c_int
         self._decode = self._bind(lib.tureen_paged_decode_f32, ctypes.c_int, [
             _PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _I64, f32, i32])
@@ -124,6 +125,8 @@ class CpuOps:
                                     [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, f32, i32])
         self._silu_mul = self._bind(lib.tureen_silu_mul_f32, None, [_PTR, _PTR, _I64, _I64, i32])
         self._rope = self._bind(lib.tureen_rope_f32, None, [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, i32])
+        self._write_kv = self._bind(lib.tureen_write_kv_f32, None,
+                                    [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, i32])
 
     @staticmethod
     def _bind(fn, restype, argtypes):
@@ -148,6 +151,24 @@ class CpuOps:
                           out.stride(0), n, h, hkv, d, bs, window or 0, scale, torch.get_num_threads())
         if rc != 0:
             raise MemoryError("paged attention kernel could not allocate its scratch buffers")
+
+    def write_kv(self, kv_cache: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:
+        """k, v (T, Hkv, D), each row dense, into slots ``slot_mapping`` (T,) int64 of
+        kv_cache (2, num_blocks, block_size, Hkv, D)."""
+        _check_f32("kv_cache", kv_cache)
+        for name, t in (("k", k), ("v", v)):
+            _check_f32(name, t, contiguous=False)
+            _rows(t)
+        t = k.shape[0]
+        if slot_mapping.dtype != torch.int64 or not slot_mapping.is_contiguous() or slot_mapping.shape != (t,):
+            raise ValueError("slot_mapping must be a contiguous int64 tensor with one slot per token")
+        row = kv_cache.shape[3] * kv_cache.shape[4]
+        if slot_mapping is not self._slots_checked:  # every layer of a step shares one slot mapping
+            if t and (int(slot_mapping.min()) < 0 or int(slot_mapping.max()) >= kv_cache[0].numel() // row):
+                raise IndexError("slot_mapping points outside the KV cache")
+            self._slots_checked = slot_mapping
+        self._write_kv(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), kv_cache[0].data_ptr(),
+                       kv_cache[1].data_ptr(), slot_mapping.data_ptr(), t, row, torch.get_num_threads())
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> Tensor:
         """RMSNorm of x (T, N); with ``residual``, first ``residual += x`` (in place) and normalise that."""

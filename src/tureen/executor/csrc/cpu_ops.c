@@ -11,6 +11,7 @@
  * 2. tureen_rms_norm_f32: RMSNorm, optionally fused with the residual add before it.
  * 3. tureen_silu_mul_f32: silu(gate) * up from the fused gate/up projection.
  * 4. tureen_rope_f32: rotate-half rotary embedding, in place.
+ * 5. tureen_write_kv_f32: store a step's keys and values into their cache slots.
  *
  * Everything is float32, as in the reference models; results match torch up to float rounding.
  */
@@ -289,5 +290,18 @@ void tureen_rope_f32(float *x, int64_t row_stride, int64_t T, int64_t heads, int
                 b[i] = x2 * c[half + i] + x1 * s[half + i];
             }
         }
+    }
+}
+
+/* ---- 5. KV cache write -------------------------------------------------------------------------
+ *
+ * k, v (T, Hkv * D): row t at k + t * k_stride (v likewise), each row dense. Row t goes to slot
+ * slots[t] of k_cache / v_cache (num_slots, Hkv * D) contiguous. Slots are distinct. */
+void tureen_write_kv_f32(const float *k, int64_t k_stride, const float *v, int64_t v_stride, float *k_cache,
+                         float *v_cache, const int64_t *slots, int64_t T, int64_t row, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (T > 64)
+    for (int64_t t = 0; t < T; t++) {
+        memcpy(k_cache + slots[t] * row, k + t * k_stride, sizeof(float) * row);
+        memcpy(v_cache + slots[t] * row, v + t * v_stride, sizeof(float) * row);
     }
 }
