@@ -142,6 +142,10 @@ def test_rms_norm_with_and_without_the_residual_add(ops, n):
     out = ops.rms_norm(x, norm.weight, 1e-5, residual)
     torch.testing.assert_close(residual, expected_residual)  # updated in place
     torch.testing.assert_close(out, norm(expected_residual), atol=1e-5, rtol=1e-5)
+    x, residual = torch.randn(9, n), expected_residual.clone()  # in place into x
+    expected = norm(residual + x)
+    assert ops.rms_norm(x, norm.weight, 1e-5, residual, out=x) is x
+    torch.testing.assert_close(x, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("i", [1024, 21])

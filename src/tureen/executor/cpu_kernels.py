@@ -170,8 +170,10 @@ class CpuOps:
         self._write_kv(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), kv_cache[0].data_ptr(),
                        kv_cache[1].data_ptr(), slot_mapping.data_ptr(), t, row, torch.get_num_threads())
 
-    def rms_norm(self, x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> Tensor:
-        """RMSNorm of x (T, N); with ``residual``, first ``residual += x`` (in place) and normalise that."""
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None,
+                 out: Tensor | None = None) -> Tensor:
+        """RMSNorm of x (T, N); with ``residual``, first ``residual += x`` (in place) and normalise that.
+        ``out`` (contiguous, may be x itself) receives the result; by default a new tensor."""
         _check_f32("x", x, contiguous=False)
         _check_f32("weight", weight)
         rows, stride = _rows(x)
@@ -179,7 +181,11 @@ class CpuOps:
             _check_f32("residual", residual)
             if residual.shape != x.shape:
                 raise ValueError("residual must have the shape of x")
-        out = torch.empty(x.shape, dtype=x.dtype)
+        if out is None:
+            out = torch.empty(x.shape, dtype=x.dtype)
+        elif out.shape != x.shape:
+            raise ValueError("out must have the shape of x")
+        _check_f32("out", out)
         self._rms_norm(x.data_ptr(), stride, 0 if residual is None else residual.data_ptr(), weight.data_ptr(),
                        out.data_ptr(), rows, x.shape[-1], eps, torch.get_num_threads())
         return out

@@ -134,7 +134,10 @@ class RMSNorm(nn.Module):
         Returns (normalised, residual). On the native ops this is one pass over the rows.
         """
         if self.cpu_ops is not None:
-            return self.cpu_ops.rms_norm(x, self.weight, self.eps, residual), x if residual is None else residual
+            if residual is None:  # x becomes the residual stream: normalise into a new tensor
+                return self.cpu_ops.rms_norm(x, self.weight, self.eps), x
+            # x (a layer's output) is dead once added: normalise into it, no allocation per layer
+            return self.cpu_ops.rms_norm(x, self.weight, self.eps, residual, out=x), residual
         residual = x if residual is None else residual.add_(x)
         return self(residual), residual
 
