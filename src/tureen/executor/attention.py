@@ -130,7 +130,7 @@ class AttentionMetadata:
     decode_groups: list[DecodeGroup]
     prefills: list[PrefillSeq]
     workspace: Workspace
-    cpu_ops: CpuOps | None = None  # native decode attention (CPU, float32)
+    cpu_ops: CpuOps | None = None  # native KV write and decode attention (CPU, float32)
 
 
 def build_attention_metadata(query_lens: list[int], start_positions: list[int], block_tables: list[list[int]],
