@@ -114,18 +114,67 @@ def test_unsupported_configurations_use_torch_ops(dtype, head_dim):
         cpu_kernels.load_cpu_ops("on", CPU, dtype, head_dim)
 
 
+@pytest.mark.parametrize("backend", ["native", "onednn"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_matches_f_linear_and_drops_the_plain_weight(bias):
+def test_packed_linear_matches_f_linear_and_drops_the_plain_weight(ops, backend, bias):
     torch.manual_seed(0)
-    layer = Linear(48, 40, bias)
+    layer = Linear(48, 40, bias)  # 40 outputs: two full 16-column panels and a partial one
     for p in layer.parameters():
         p.data.normal_()
     weight, b = layer.weight.detach().clone(), None if layer.bias is None else layer.bias.detach().clone()
-    layer.pack_for_cpu()
+    layer.pack_for_cpu(ops if backend == "native" else None)
     assert layer.weight is None and "weight" not in dict(layer.named_parameters())
-    for rows in (1, 7, 130):
+    for rows in (0, 1, 5, 7, 130):
         x = torch.randn(rows, 48)
         torch.testing.assert_close(layer(x), F.linear(x, weight, b), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows,n,k", [(1, 16, 8), (6, 33, 1), (13, 64, 2500), (300, 17, 512), (2051, 48, 40)])
+def test_native_gemm_shapes(ops, rows, n, k):
+    """Row tails (rows % 6), column tails (n % 16), K split into blocks (k > 1024), several row blocks."""
+    torch.manual_seed(rows)
+    w, bias = torch.randn(n, k), torch.randn(n)
+    packed = ops.pack_linear(w, bias)
+    assert packed.weight.shape == (-(-n // 16), k, 16) and packed.out_features == n
+    torch.testing.assert_close(packed.weight.permute(0, 2, 1).reshape(-1, k)[:n], w, atol=0, rtol=0)
+    assert not packed.weight[-1, :, n % 16 or 16:].any()  # the last panel's padding columns are zero
+    x = torch.randn(rows, k + 5)[:, 2:k + 2]  # rows with gaps between them
+    tol = dict(atol=1e-4 * k ** 0.5, rtol=1e-4)
+    torch.testing.assert_close(ops.linear(x, packed), F.linear(x, w, bias), **tol)
+    x3 = torch.randn(2, rows, k)  # leading dims are flattened and restored
+    torch.testing.assert_close(ops.linear(x3, ops.pack_linear(w)), F.linear(x3, w), **tol)
+    with pytest.raises(ValueError):
+        ops.linear(torch.randn(rows, k + 1), packed)
+
+
+@pytest.mark.parametrize("rows,i,k", [(1, 8, 16), (7, 24, 40), (131, 1024, 384), (20, 16, 1500)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_native_gemm_with_fused_silu_mul(ops, rows, i, k, bias):
+    torch.manual_seed(i)
+    w, b = torch.randn(2 * i, k) / k ** 0.5, torch.randn(2 * i) if bias else None
+    packed = ops.pack_linear(w, b, gate_up=True)
+    assert packed.out_features == i
+    x = torch.randn(rows, k) * 3
+    gate, up = F.linear(x, w, b).chunk(2, dim=-1)
+    torch.testing.assert_close(ops.linear(x, packed), F.silu(gate) * up, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError):
+        ops.pack_linear(torch.randn(2 * i + 2, k), gate_up=True)
+
+
+@pytest.mark.parametrize("intermediate,fused", [(96, True), (36, False)])
+def test_mlp_packs_gate_up_with_the_activation_when_it_can(ops, intermediate, fused):
+    from tureen.executor.models.layers import GatedMLP
+
+    torch.manual_seed(0)
+    mlp = GatedMLP(40, intermediate, bias=False)
+    for p in mlp.parameters():
+        p.data.normal_(std=0.2)
+    x = torch.randn(11, 40)
+    ref = mlp(x)
+    mlp.cpu_ops = ops
+    mlp.pack_for_cpu(ops)
+    assert mlp.fused_activation is fused
+    torch.testing.assert_close(mlp(x), ref, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("n", [384, 13])

@@ -46,7 +46,7 @@ def test_single_request_every_architecture(arch_dir):
 def test_mixed_batch_every_architecture(arch_dir, cpu_kernels):
     llm = make_llm(arch_dir, max_num_seqs=8, cpu_kernels=cpu_kernels)
     runner = llm.llm_engine.runner
-    assert (runner.cpu_ops is not None) == runner.packed_linear == (cpu_kernels == "on")
+    assert (runner.cpu_ops is not None) == (runner.linear_backend == "native") == (cpu_kernels == "on")
     prompts = prompts_for(llm.get_tokenizer(), 6, seed=1)
     lengths = [5, 17, 9, 30, 1, 12]
     outs = llm.generate(prompts, [greedy(n) for n in lengths])

@@ -40,11 +40,12 @@ def save_tiny(out_dir: Path, model_type: str, seed: int = 0, **overrides) -> Pat
 def tureen_logits(model_dir: Path, ids: list[int], dtype: torch.dtype = torch.float32, block_size: int = 4,
                   start_blocks: int = 3, native: bool = False) -> torch.Tensor:
     """Full-sequence logits of one prompt through tureen's paged model (non-contiguous blocks);
-    ``native``: on the native CPU kernels and oneDNN linear layers."""
+    ``native``: on the native CPU kernels, the native GEMM included."""
     model = load_model(model_dir, load_hf_config(model_dir), CPU, dtype)
     if native:
-        model.use_cpu_ops(load_cpu_ops("on", CPU, dtype, model.head_dim))
-        model.pack_linear_weights_for_cpu()
+        ops = load_cpu_ops("on", CPU, dtype, model.head_dim)
+        model.use_cpu_ops(ops)
+        model.pack_linear_weights_for_cpu(ops)
     n_blocks = -(-len(ids) // block_size)
     blocks = [start_blocks + 2 * i for i in range(n_blocks)][::-1]  # reversed, with holes
     caches = [torch.zeros(2, start_blocks + 2 * n_blocks, block_size, model.num_kv_heads, model.head_dim,

@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -127,6 +128,9 @@ class CpuOps:
         self._rope = self._bind(lib.tureen_rope_f32, None, [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, i32])
         self._write_kv = self._bind(lib.tureen_write_kv_f32, None,
                                     [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, i32])
+        self._pack_linear = self._bind(lib.tureen_pack_linear_f32, None, [_PTR, _PTR, _PTR, _PTR, _I64, _I64, i32])
+        self._linear = self._bind(lib.tureen_linear_f32, None,
+                                  [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, i32, i32])
 
     @staticmethod
     def _bind(fn, restype, argtypes):
@@ -208,6 +212,56 @@ class CpuOps:
                 raise ValueError(f"{name} must hold one (D,) row per token")
         self._rope(x.data_ptr(), stride, rows, x.shape[1], x.shape[2], cos.data_ptr(), sin.data_ptr(),
                    torch.get_num_threads())
+
+
+    def pack_linear(self, weight: Tensor, bias: Tensor | None = None, gate_up: bool = False) -> "PackedLinear":
+        """Pack a (N, K) float32 weight (and its bias) for ``linear``. ``gate_up``: the weight is
+        [gate; up] stacked (N = 2I, I a multiple of 8) and ``linear`` returns silu(gate) * up."""
+        _check_f32("weight", weight)
+        n, k = weight.shape
+        if gate_up and n % LINEAR_PANEL:
+            raise ValueError(f"a gate_up weight needs 2I rows with I a multiple of 8, got {n}")
+        panels = -(-n // LINEAR_PANEL)
+        packed = torch.empty(panels, k, LINEAR_PANEL, dtype=torch.float32)
+        packed_bias = None
+        if bias is not None:
+            _check_f32("bias", bias)
+            if bias.shape != (n,):
+                raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+            packed_bias = torch.empty(panels * LINEAR_PANEL, dtype=torch.float32)
+        self._pack_linear(weight.data_ptr(), 0 if bias is None else bias.data_ptr(), packed.data_ptr(),
+                          0 if packed_bias is None else packed_bias.data_ptr(), n, k, gate_up)
+        return PackedLinear(packed, packed_bias, n, k, gate_up)
+
+    def linear(self, x: Tensor, w: "PackedLinear") -> Tensor:
+        """x (..., K) @ W^T + b -> (..., N), or silu(gate) * up (..., N / 2) for a gate_up weight."""
+        _check_f32("x", x, contiguous=False)
+        if x.shape[-1] != w.in_features:
+            raise ValueError(f"x has {x.shape[-1]} features, the weight expects {w.in_features}")
+        lead = x.shape[:-1]
+        x2 = x if x.dim() == 2 and x.stride(-1) == 1 else x.reshape(-1, w.in_features).contiguous()
+        out = torch.empty(x2.shape[0], w.out_features, dtype=torch.float32)
+        self._linear(x2.data_ptr(), x2.stride(0), w.weight.data_ptr(), 0 if w.bias is None else w.bias.data_ptr(),
+                     out.data_ptr(), x2.shape[0], w.rows, w.in_features, w.gate_up, torch.get_num_threads())
+        return out.view(*lead, w.out_features)
+
+
+@dataclass(frozen=True)
+class PackedLinear:
+    """A weight (and bias) in the panel layout of ``csrc/cpu_ops.c``; built by ``CpuOps.pack_linear``."""
+
+    weight: Tensor  # (ceil(rows / 16), in_features, 16)
+    bias: Tensor | None  # (ceil(rows / 16) * 16,)
+    rows: int  # N of the original (N, K) weight
+    in_features: int
+    gate_up: bool
+
+    @property
+    def out_features(self) -> int:
+        return self.rows // 2 if self.gate_up else self.rows
+
+
+LINEAR_PANEL = 16  # columns per packed panel, as in csrc/cpu_ops.c
 
 
 @functools.cache

@@ -65,13 +65,16 @@ class ModelRunner:
         self.cpu_ops = load_cpu_ops(mode, self.device, self.dtype, self.head_dim)
         if self.cpu_ops is not None:
             self.model.use_cpu_ops(self.cpu_ops)
-        self.packed_linear = onednn_linear_available(mode, self.device, self.dtype)
-        if self.packed_linear:
-            self.model.pack_linear_weights_for_cpu()
+        # Linear layers: the native GEMM when the kernels loaded, else oneDNN, else F.linear.
+        self.linear_backend = ("native" if self.cpu_ops is not None else
+                               "onednn" if onednn_linear_available(mode, self.device, self.dtype) else "torch")
+        if self.linear_backend != "torch":
+            self.model.pack_linear_weights_for_cpu(self.cpu_ops)
         logger.info("loaded %s (%s) on %s in %s; attention and norms: %s; linear layers: %s", checkpoint_dir,
                     type(self.model).__name__, self.device, str(self.dtype).removeprefix("torch."),
                     "native CPU kernels" if self.cpu_ops else "torch ops",
-                    "oneDNN, pre-packed weights" if self.packed_linear else "torch F.linear")
+                    {"native": "native GEMM, pre-packed weights", "onednn": "oneDNN, pre-packed weights",
+                     "torch": "torch F.linear"}[self.linear_backend])
 
     # ---- KV cache ---------------------------------------------------------------------------
     def determine_num_blocks(self) -> int:

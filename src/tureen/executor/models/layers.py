@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from tureen.errors import ModelLoadError, UnsupportedArchitectureError
 from tureen.executor.attention import AttentionMetadata, paged_attention
-from tureen.executor.cpu_kernels import CpuOps, pack_linear_weight, packed_linear
+from tureen.executor.cpu_kernels import CpuOps, PackedLinear, pack_linear_weight, packed_linear
 
 # Hugging Face checkpoint name fragment -> (fused parameter fragment, shard id).
 # q/k/v projections live in one ``qkv_proj``; gate/up in one ``gate_up_proj``.
@@ -235,7 +235,8 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class PackableLinear(nn.Module):
-    """``F.linear`` by default; after ``pack_for_cpu()``, oneDNN on a pre-packed copy of the weight.
+    """``F.linear`` by default; after ``pack_for_cpu()``, a pre-packed copy of the weight multiplied
+    by the native CPU GEMM (``CpuOps.linear``) or, without native kernels, by oneDNN.
 
     Packing replaces the plain weight (no second copy in memory), so load weights first. The copy
     is private: packing a weight tied to the embedding leaves the embedding's tensor alone.
@@ -243,14 +244,25 @@ class PackableLinear(nn.Module):
 
     weight: Tensor
     bias: Tensor | None
-    packed_weight: Tensor | None = None
+    packed_weight: Tensor | PackedLinear | None = None
+    native: CpuOps | None = None  # multiplies packed_weight when set; oneDNN does otherwise
 
-    def pack_for_cpu(self) -> None:
-        self.packed_weight = pack_linear_weight(self.weight)
+    def pack_for_cpu(self, ops: CpuOps | None, gate_up: bool = False) -> None:
+        """``gate_up`` (native only): this is a [gate; up] projection and the GEMM returns
+        silu(gate) * up."""
+        if ops is None:
+            self.packed_weight = pack_linear_weight(self.weight)
+        else:
+            self.packed_weight = ops.pack_linear(self.weight.data, None if self.bias is None else self.bias.data,
+                                                 gate_up)
+            self.bias = None  # packed with the weight
+        self.native = ops
         del self.weight  # the Parameter (the embedding keeps its own reference when tied)
         self.weight = None  # type: ignore[assignment]
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.native is not None:
+            return self.native.linear(x, self.packed_weight)
         if self.packed_weight is not None:
             return packed_linear(x, self.packed_weight, self.bias)
         return F.linear(x, self.weight, self.bias)
@@ -293,13 +305,22 @@ class GatedMLP(nn.Module):
     """down(silu(gate(x)) * up(x)), gate and up fused in one matmul."""
 
     cpu_ops: CpuOps | None = None  # set by CausalLM.use_cpu_ops
+    fused_activation = False  # the packed gate_up GEMM returns silu(gate) * up itself
 
     def __init__(self, hidden: int, intermediate: int, bias: bool) -> None:
         super().__init__()
+        self.intermediate = intermediate
         self.gate_up_proj = ShardedLinear(hidden, {0: intermediate, 1: intermediate}, bias)
         self.down_proj = Linear(intermediate, hidden, bias)
 
+    def pack_for_cpu(self, ops: CpuOps | None) -> None:
+        self.fused_activation = ops is not None and self.intermediate % 8 == 0
+        self.gate_up_proj.pack_for_cpu(ops, gate_up=self.fused_activation)
+        self.down_proj.pack_for_cpu(ops)
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused_activation:
+            return self.down_proj(self.gate_up_proj(x))
         gate_up = self.gate_up_proj(x)  # (T, 2I)
         if self.cpu_ops is not None:
             return self.down_proj(self.cpu_ops.silu_mul(gate_up))
@@ -450,11 +471,14 @@ class CausalLM(nn.Module):
             if isinstance(module, (RMSNorm, GatedMLP, Attention)):
                 module.cpu_ops = ops
 
-    def pack_linear_weights_for_cpu(self) -> None:
-        """Move every linear layer (and the LM head) to oneDNN with pre-packed weights."""
-        for module in self.modules():
-            if isinstance(module, PackableLinear):
-                module.pack_for_cpu()
+    def pack_linear_weights_for_cpu(self, ops: CpuOps | None) -> None:
+        """Pre-pack every linear layer (and the LM head) for the native GEMM of ``ops``, or for
+        oneDNN when ``ops`` is None."""
+        for module in self.modules():  # parents come first: an MLP packs its own projections
+            if isinstance(module, GatedMLP):
+                module.pack_for_cpu(ops)
+            elif isinstance(module, PackableLinear) and module.packed_weight is None:
+                module.pack_for_cpu(ops)
 
     def forward(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata,
                 kv_caches: list[Tensor]) -> Tensor:
