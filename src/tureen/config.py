@@ -98,10 +98,10 @@ class SchedulerConfig:
 class DeviceConfig:
     device: str = field(default="auto", metadata=_help("Device: auto (cuda when available), cpu or cuda."))
     cpu_kernels: str = field(default="auto", metadata=_help(
-        "Native CPU kernels for float32 (paged decode attention, KV writes, fused norms, RoPE and the MLP "
-        "activation in C; linear layers on oneDNN with pre-packed weights): auto (use them when they build "
-        "and load, else fall back to plain torch ops with a warning), on (fail when they cannot be used) "
-        "or off (plain torch ops).",
+        "Native CPU kernels for float32 (linear layers on pre-packed weights, paged decode attention, KV "
+        "writes, fused norms, RoPE and the MLP activation, in C): auto (use them when they build and load, "
+        "else fall back to oneDNN linear layers and torch ops with a warning), on (fail when they cannot "
+        "be used) or off (plain torch ops).",
         choices=["auto", "on", "off"]))
 
     def __post_init__(self) -> None:

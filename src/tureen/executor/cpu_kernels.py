@@ -1,19 +1,22 @@
 """Native CPU kernels: built once with the system C compiler, loaded with ctypes, optional.
 
-Plain torch ops leave two large costs on the table when decoding on a CPU:
+Plain torch ops leave large costs on the table when serving on a CPU. ``csrc/cpu_ops.c`` holds:
 
-- **Paged decode attention** and the small per-token operations around it, in
-  ``csrc/cpu_ops.c``. The torch attention path gathers every block into a padded buffer and lets
-  SDPA read it again, so each cached K/V row crosses the memory bus three times; the C kernel reads
-  it once, in place, through the block table. The same file has RMSNorm fused with the residual
-  add, silu(gate) * up, and in-place rotary embedding (one pass each instead of three to five torch
-  ops). It is compiled on first use (``cc -O3 -march=native -fopenmp``, about a second) into
-  ``$TUREEN_CACHE_DIR/kernels/`` under a name hashed from the source, the flags and the CPU, so a
-  changed source, compiler or machine gets its own build. It links the ``libgomp.so.1`` soname that
-  torch ships, so it runs on torch's own OpenMP threads.
-- **float32 linear layers on oneDNN with weights pre-packed** once at load time
-  (``torch.ops.mkldnn``, part of torch's x86 CPU builds): 1.2-1.5x the GEMM throughput of
-  ``F.linear`` at decode batch sizes, and 2-4x on the LM head.
+- **the GEMM of every float32 linear layer**, on weights packed once into 16-column panels, with a
+  6x16 register tile and the next panel prefetched while the current one computes; the MLP's
+  gate/up projection writes silu(gate) * up directly. At decode batch sizes it runs at 85-90% of
+  an AVX2 core's FMA peak, where oneDNN's packed kernels reach 65-75%;
+- **paged decode attention**: the torch attention path gathers every block into a padded buffer and
+  lets SDPA read it again, so each cached K/V row crosses the memory bus three times; the C kernel
+  reads it once, in place, through the block table;
+- RMSNorm fused with the residual add, silu(gate) * up, in-place rotary embedding and the KV-cache
+  write (one pass each instead of three to five torch ops).
+
+It is compiled on first use (``cc -O3 -march=native -fopenmp``, about a second) into
+``$TUREEN_CACHE_DIR/kernels/`` under a name hashed from the source, the flags and the CPU, so a
+changed source, compiler or machine gets its own build. It links the ``libgomp.so.1`` soname that
+torch ships, so it runs on torch's own OpenMP threads. Without it, float32 linear layers still run
+on **oneDNN with pre-packed weights** (``torch.ops.mkldnn``, part of torch's x86 CPU builds).
 
 ``cpu_kernels="auto"`` uses them when they build and load, and otherwise logs why and falls back to
 plain torch ops (same results up to float rounding); ``"on"`` makes that a hard error; ``"off"``
