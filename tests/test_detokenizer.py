@@ -86,6 +86,29 @@ def test_byte_fallback_run_made_invalid_by_a_later_byte(tmp_path):
 
 
 @pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_final_only_without_stop_strings_decodes_once_at_the_end(tokenizers, skip_special_tokens):
+    from tureen.sampling_params import RequestOutputKind
+
+    tok, hf = tokenizers
+    rng = random.Random(99)
+    params = SamplingParams(skip_special_tokens=skip_special_tokens, output_kind=RequestOutputKind.FINAL_ONLY)
+    for _ in range(30):
+        ids = [rng.randrange(len(hf)) for _ in range(rng.randint(1, 40))]
+        counting = _CountingTokenizer(tok)
+        detok = IncrementalDetokenizer(counting, [], params)  # type: ignore[arg-type]
+        for pos in range(0, len(ids), 3):
+            assert detok.update(ids[pos:pos + 3]) is None
+        assert counting.sizes == []  # nothing decoded while generating
+        assert detok.take_delta(finished=True) == detok.output_text == hf.decode(
+            ids, skip_special_tokens=skip_special_tokens)
+        assert counting.sizes == [len(ids)]
+    # A stop string still needs the text as it grows.
+    stopping = IncrementalDetokenizer(tok, [], SamplingParams(stop=["\n"], output_kind=RequestOutputKind.FINAL_ONLY))
+    stopping.update(tok.encode("a line\nmore", add_special_tokens=False))
+    assert stopping.stop_reason == "\n" and stopping.output_text == "a line"
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
 def test_random_streams_equal_transformers_decode(tokenizers, skip_special_tokens):
     tok, hf = tokenizers
     rng = random.Random(1234)

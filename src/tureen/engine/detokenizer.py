@@ -22,11 +22,13 @@ sequence when the request ends, which ``decode`` renders as U+FFFD, and after em
 byte-fallback run that a later byte piece invalidates it raises "Invalid prefix" on every step.)
 
 Per step the work is proportional to the window and the new text, never to the whole output.
+A completion whose text nobody reads before it ends (FINAL_ONLY output, no stop strings: the
+offline ``LLM.generate``) is decoded once, when it finishes.
 """
 
 from __future__ import annotations
 
-from tureen.sampling_params import SamplingParams
+from tureen.sampling_params import RequestOutputKind, SamplingParams
 from tureen.tokenizer import Tokenizer
 
 _INCOMPLETE = "\ufffd"  # what decode gives for bytes that do not (yet) form a character
@@ -81,6 +83,9 @@ class IncrementalDetokenizer:
         self._stops = list(params.stop or [])
         self._hold = max((len(s) for s in self._stops), default=1) - 1
         self._tail = ""  # the last `_hold` characters of the text, where a stop string may have begun
+        # Nobody reads the text before the end (one final output, no stop string to look for):
+        # decode once in finish() instead of once per token. The result is the same text.
+        self._deferred = not self._stops and params.output_kind == RequestOutputKind.FINAL_ONLY
 
     @property
     def output_text(self) -> str:
@@ -94,6 +99,9 @@ class IncrementalDetokenizer:
     def update(self, new_token_ids: list[int]) -> str | None:
         """Add generated ids; returns the stop string if the text now contains one, else None."""
         if self.stopped or self._flushed or not new_token_ids:
+            return None
+        if self._deferred:
+            self.token_ids += new_token_ids
             return None
         # One id at a time, so complete characters are released even if the batch ends mid-character.
         pieces = []
