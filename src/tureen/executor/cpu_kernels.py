@@ -216,7 +216,6 @@ class CpuOps:
         self._rope(x.data_ptr(), stride, rows, x.shape[1], x.shape[2], cos.data_ptr(), sin.data_ptr(),
                    torch.get_num_threads())
 
-
     def pack_linear(self, weight: Tensor, bias: Tensor | None = None, gate_up: bool = False) -> "PackedLinear":
         """Pack a (N, K) float32 weight (and its bias) for ``linear``. ``gate_up``: the weight is
         [gate; up] stacked (N = 2I, I a multiple of 8) and ``linear`` returns silu(gate) * up."""
