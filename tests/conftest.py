@@ -5,6 +5,11 @@ import pytest
 from checkpoints import ARCHS, build_checkpoint
 
 
+def pytest_addoption(parser):
+    parser.addoption("--spec-distribution-samples", type=int, default=1500,
+                     help="Samples a side in the speculative-decoding chi-square test (the full test: 20000).")
+
+
 @pytest.fixture(scope="session")
 def checkpoint_factory(tmp_path_factory):
     """Build each tiny architecture once per session: ``checkpoint_factory("qwen2") -> Path``."""
@@ -25,3 +30,12 @@ def llama_dir(checkpoint_factory):
 @pytest.fixture(params=ARCHS)
 def arch_dir(request, checkpoint_factory):
     return checkpoint_factory(request.param)
+
+
+@pytest.fixture
+def procs():
+    """Processes a test starts (anything with ``stop()``), stopped in reverse order afterwards."""
+    started: list = []
+    yield started
+    for p in reversed(started):
+        p.stop()

@@ -30,11 +30,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def child_pids(pid: int) -> list[int]:
+    """Children of every thread of ``pid`` (a child belongs to the thread that started it)."""
+    found: list[int] = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found += [int(p) for p in children.read_text().split()]
+        except OSError:
+            continue
+    return sorted(p for p in found if pid_alive(p))
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 class ServerProcess:
     """``python -m tureen.cli serve MODEL ...`` on a free port, its log in a file."""
 
     def __init__(self, model_dir: Path, log_path: Path, *flags: str, name: str = "tiny-llama",
-                 key: str = "sk-test") -> None:
+                 key: str = "sk-test", env: dict[str, str] | None = None) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -43,7 +62,7 @@ class ServerProcess:
                "--kv-cache-memory", "64MiB", *flags]
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
     def wait_healthy(self, timeout: float = 180) -> ServerProcess:
         deadline = time.time() + timeout
@@ -56,6 +75,10 @@ class ServerProcess:
                 pass
             time.sleep(0.1)
         raise AssertionError(f"server not healthy in {timeout} s:\n{self.log_text()}")
+
+    def children(self) -> list[int]:
+        """Pids of the server's child processes (the engine core), from /proc."""
+        return child_pids(self.proc.pid)
 
     def log_text(self) -> str:
         self.log.flush()

@@ -85,9 +85,12 @@ def test_sweep_counts_and_tokens_match_the_servers_metrics(server: ServerProcess
         assert 0 <= level["request_goodput"] <= level["request_throughput"]
     saved = json.loads(save.read_text())
     assert [lv["max_concurrency"] for lv in saved["sweep"]] == [1, 2, 4]
-    # one gap per content chunk after the first; a chunk whose text the server holds back
-    # (an incomplete UTF-8 character) has no content, so there can be fewer gaps than tokens
-    assert all(1 <= len(rec["itl"]) <= 11 for lv in saved["sweep"] for rec in lv["requests"])
+    # one gap per content chunk after the first. There can be fewer gaps than tokens: a chunk whose
+    # text the server holds back (an incomplete UTF-8 character) has no content, and a stream whose
+    # reader lags gets several tokens merged into one chunk (engine/output_stream.py), on a loaded
+    # machine possibly all of them. Never more chunks than tokens, and most streams are not merged.
+    gaps = [len(rec["itl"]) for lv in saved["sweep"] for rec in lv["requests"]]
+    assert all(0 <= n <= 11 for n in gaps) and sum(gaps) > 0
     from PIL import Image
 
     with Image.open(plot) as img:

@@ -17,6 +17,7 @@ from tureen.errors import ConfigError
 from tureen.executor import cpu_kernels
 from tureen.executor.attention import Workspace, build_attention_metadata, paged_attention, write_kv
 from tureen.executor.models.layers import Linear
+from tureen.executor.quantization.unquantized import NativeLinearMethod, OneDnnLinearMethod
 
 CPU = torch.device("cpu")
 
@@ -122,7 +123,12 @@ def test_packed_linear_matches_f_linear_and_drops_the_plain_weight(ops, backend,
     for p in layer.parameters():
         p.data.normal_()
     weight, b = layer.weight.detach().clone(), None if layer.bias is None else layer.bias.detach().clone()
-    layer.pack_for_cpu(ops if backend == "native" else None)
+    method = NativeLinearMethod(ops) if backend == "native" else OneDnnLinearMethod()
+    layer.set_method(method)
+    layer.weight.data.copy_(weight)
+    if b is not None:
+        layer.bias.data.copy_(b)
+    layer.process_weights_after_loading()
     assert layer.weight is None and "weight" not in dict(layer.named_parameters())
     for rows in (0, 1, 5, 7, 130):
         x = torch.randn(rows, 48)
@@ -171,9 +177,12 @@ def test_mlp_packs_gate_up_with_the_activation_when_it_can(ops, intermediate, fu
         p.data.normal_(std=0.2)
     x = torch.randn(11, 40)
     ref = mlp(x)
-    mlp.cpu_ops = ops
-    mlp.pack_for_cpu(ops)
-    assert mlp.fused_activation is fused
+    for layer in (mlp.gate_up_proj, mlp.down_proj):
+        weight = layer.weight.detach().clone()
+        layer.set_method(NativeLinearMethod(ops))
+        layer.weight.data.copy_(weight)
+        layer.process_weights_after_loading()
+    assert mlp.gate_up_proj.packed_weight.gate_up is fused
     torch.testing.assert_close(mlp(x), ref, atol=1e-4, rtol=1e-4)
 
 

@@ -17,9 +17,11 @@ from checkpoints import ARCHS
 from tureen.errors import ModelLoadError, UnsupportedArchitectureError
 from tureen.executor.attention import Workspace, build_attention_metadata, paged_attention, write_kv
 from tureen.executor.cpu_kernels import load_cpu_ops
-from tureen.executor.loader import load_hf_config, load_model, resolve_checkpoint, resolve_dtype
+from tureen.executor.loader import load_hf_config, load_model, model_args, resolve_checkpoint, resolve_dtype
 from tureen.executor.models.layers import DecoderArgs, rope_inv_freq
 from tureen.executor.models.registry import model_module, supported_architectures
+from tureen.executor.quantization import LinearBackend
+from tureen.executor.quantization.factory import linear_method_factory
 
 CPU = torch.device("cpu")
 
@@ -41,11 +43,13 @@ def tureen_logits(model_dir: Path, ids: list[int], dtype: torch.dtype = torch.fl
                   start_blocks: int = 3, native: bool = False) -> torch.Tensor:
     """Full-sequence logits of one prompt through tureen's paged model (non-contiguous blocks);
     ``native``: on the native CPU kernels, the native GEMM included."""
-    model = load_model(model_dir, load_hf_config(model_dir), CPU, dtype)
+    linear = None
     if native:
-        ops = load_cpu_ops("on", CPU, dtype, model.head_dim)
+        ops = load_cpu_ops("on", CPU, dtype, model_args(load_hf_config(model_dir)).head_dim)
+        linear = linear_method_factory(LinearBackend("native", ops))
+    model = load_model(model_dir, load_hf_config(model_dir), CPU, dtype, linear)
+    if native:
         model.use_cpu_ops(ops)
-        model.pack_linear_weights_for_cpu(ops)
     n_blocks = -(-len(ids) // block_size)
     blocks = [start_blocks + 2 * i for i in range(n_blocks)][::-1]  # reversed, with holes
     caches = [torch.zeros(2, start_blocks + 2 * n_blocks, block_size, model.num_kv_heads, model.head_dim,

@@ -1,174 +1,29 @@
 """The HTTP layer against a scripted engine, over real HTTP (uvicorn in a thread).
 
-The scripted engine implements the AsyncLLM interface with predictable tokens and adjustable
-speed, so these tests pin down the server's own behaviour (shapes, errors, admission, timeouts,
-disconnects, metrics) in seconds. tests/test_server_e2e.py drives the real engine.
+The shared scripted engine (tests/fake_engine.py) implements ``EngineClient`` with predictable
+tokens and adjustable speed, so these tests pin down the server's own behaviour (shapes, errors,
+admission, timeouts, disconnects, metrics) in seconds. tests/test_server_e2e.py drives the real engine.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 import time
-from dataclasses import dataclass
 
 import httpx
 import pytest
+from fake_engine import BOS, MODEL, ScriptedEngine, letter
 from serve_process import REQUIRED_METRICS
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from tureen.config import EngineConfig
-from tureen.errors import ContextLengthExceededError, InvalidRequestError
-from tureen.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from tureen.sampling_params import SamplingParams
 from tureen.server.app import build_app
 from tureen.server.config import ServerConfig
 from tureen.server.lifecycle import Phase, ServerState
 
-MODEL = "scripted"
 KEY = "sk-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-BOS = 256
-
-
-class ScriptedTokenizer:
-    """Bytes are tokens (plus a BOS id 256); the model answers with lowercase letters."""
-
-    vocab_size = 300
-    eos_token_ids = [299]
-    generation_defaults: dict = {}
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return ([BOS] if add_special_tokens else []) + list(text.encode())
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return bytes(i for i in ids if i < 256).decode(errors="replace")
-
-    def id_to_token(self, token_id: int) -> str:
-        return chr(token_id) if token_id < 256 else f"<{token_id}>"
-
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
-        def text(content):
-            return content if isinstance(content, str) else "".join(p["text"] for p in content)
-        out = "".join(f"<{m['role']}>{text(m['content'])}\n" for m in messages)
-        return out + ("<assistant>" if add_generation_prompt else "")
-
-
-@dataclass
-class Stats:
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    num_blocks: int = 64
-    block_size: int = 16
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    num_preemptions: int = 0
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    heartbeat: float = 0.0
-    is_alive: bool = True
-
-
-def letter(prompt_ids: list[int], sample: int, step: int) -> int:
-    return ord("a") + (sum(prompt_ids) + 3 * sample + step) % 26
-
-
-class ScriptedEngine:
-    """Token ``k`` of sample ``i`` is a letter fixed by the prompt; one step every ``step_delay`` s."""
-
-    def __init__(self, step_delay: float = 0.0, max_model_len: int = 128) -> None:
-        self.config = EngineConfig.from_kwargs(MODEL)
-        self.tokenizer = ScriptedTokenizer()
-        self.model_name = MODEL
-        self.max_model_len = max_model_len
-        self.is_demo_model = False
-        self.step_delay = step_delay
-        self.running: dict[str, asyncio.Event] = {}
-        self.aborted: list[str] = []  # requests whose consumer left before the end
-        self.extra_waiting = 0
-        self.kv_usage = 0.0
-        self.frozen_heartbeat: float | None = None
-        self.fail_after: int | None = None  # raise mid-stream after this many steps
-        self.totals = Stats()
-
-    def validate(self, ids: list[int], params: SamplingParams) -> None:
-        if not ids:
-            raise InvalidRequestError("the prompt is empty", param="prompt")
-        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids)
-        if len(ids) + max_tokens > self.max_model_len:
-            raise ContextLengthExceededError("too long", limit=self.max_model_len, prompt_tokens=len(ids),
-                                             max_tokens=max_tokens)
-        params.max_tokens = max_tokens
-
-    async def generate(self, prompt, params: SamplingParams, request_id: str, *, priority: int = 0):
-        ids = prompt if isinstance(prompt, list) else self.tokenizer.encode(prompt)
-        self.validate(ids, params)
-        abort = self.running[request_id] = asyncio.Event()
-        metrics = RequestMetrics(arrival_time=time.time(), first_scheduled_time=time.time())
-        texts = [""] * params.n
-        finished = False
-        try:
-            for step in range(params.max_tokens):
-                try:
-                    await asyncio.wait_for(abort.wait(), self.step_delay)
-                except TimeoutError:
-                    pass
-                if abort.is_set():
-                    finished = True
-                    yield self._output(request_id, ids, [_done(i, "abort") for i in range(params.n)], metrics)
-                    return
-                if self.fail_after is not None and step >= self.fail_after:
-                    raise RuntimeError("scripted engine failure")
-                outs = [self._token(ids, params, i, step, texts) for i in range(params.n)]
-                finished = step == params.max_tokens - 1 or all(o.finish_reason for o in outs)
-                if finished:
-                    for o in outs:
-                        o.finish_reason = o.finish_reason or "length"
-                yield self._output(request_id, ids, outs, metrics, finished)
-                if finished:
-                    return
-        finally:
-            self.running.pop(request_id, None)
-            if not finished:
-                self.aborted.append(request_id)
-
-    def _token(self, ids, params, i, step, texts) -> CompletionOutput:
-        tok = letter(ids, i, step)
-        texts[i] += chr(tok)
-        stop = next((s for s in params.stop if texts[i].endswith(s)), None)
-        lp = None
-        if params.logprobs is not None:
-            lp = [{tok: Logprob(-0.25, 1, chr(tok)), tok + 1: Logprob(-1.5, 2, chr(tok + 1))}]
-        self.totals.generation_tokens += 1
-        return CompletionOutput(index=i, text="" if stop else chr(tok), token_ids=[tok], logprobs=lp,
-                                finish_reason="stop" if stop else None, stop_reason=stop)
-
-    def _output(self, rid, ids, outs, metrics, finished=True) -> RequestOutput:
-        now = time.time()
-        metrics.first_token_time = metrics.first_token_time or now
-        metrics.last_token_time = now
-        if finished:
-            metrics.finished_time = now
-        return RequestOutput(rid, None, ids, outs, finished, num_cached_tokens=len(ids) // 2, metrics=metrics)
-
-    async def abort(self, request_id: str) -> None:
-        if request_id in self.running:
-            self.running[request_id].set()
-
-    def stats(self) -> Stats:
-        beat = self.frozen_heartbeat if self.frozen_heartbeat is not None else time.monotonic()
-        return Stats(num_running=len(self.running), num_waiting=self.extra_waiting, kv_cache_usage=self.kv_usage,
-                     generation_tokens=self.totals.generation_tokens, heartbeat=beat)
-
-    def shutdown(self) -> None:
-        pass
-
-
-def _done(i: int, reason: str) -> CompletionOutput:
-    return CompletionOutput(index=i, text="", token_ids=[], finish_reason=reason)
 
 
 class ThreadServer:
@@ -488,26 +343,39 @@ def test_health_watchdog_and_deep_check(srv):
             srv.engine.frozen_heartbeat = None
 
 
-def test_health_answers_fast_while_streams_run():
-    engine = ScriptedEngine(step_delay=0.01)
+def test_health_answers_while_streams_run():
+    """/health never waits behind generation: it answers while eight streams are parked mid-flight.
+
+    (How fast it answers under load is a measurement, not a test: ``tureen bench soak`` reports it.)
+    """
+    engine = ScriptedEngine(step_delay=0.5)  # 100 tokens: each stream lasts far longer than the checks
     with ThreadServer(engine) as s:
         s.wait_ready()
+        stop = threading.Event()
 
         def stream():
-            with s.client() as c:
-                c.post("/v1/completions", json={"prompt": "x", "max_tokens": 100, "stream": True})
+            with s.client(timeout=60) as c, c.stream("POST", "/v1/completions",
+                                                      json={"prompt": "x", "max_tokens": 100, "stream": True}) as r:
+                for _ in r.iter_lines():
+                    if stop.is_set():
+                        return  # leaving closes the connection: the server aborts the stream
         workers = [threading.Thread(target=stream) for _ in range(8)]
         for w in workers:
             w.start()
-        with s.client() as c:
-            worst = 0.0
-            for _ in range(20):
-                t0 = time.perf_counter()
-                assert c.get("/health").status_code == 200
-                worst = max(worst, time.perf_counter() - t0)
-        for w in workers:
-            w.join()
-        assert worst < 0.1
+        try:
+            deadline = time.time() + 30
+            while len(engine.running) < 8:
+                assert time.time() < deadline, "the streams did not start"
+                time.sleep(0.01)
+            with s.client() as c:
+                for _ in range(20):
+                    assert c.get("/health").status_code == 200
+                    assert len(engine.running) == 8  # answered while every stream was still running
+        finally:
+            stop.set()
+            for w in workers:
+                w.join(30)
+    assert len(engine.aborted) == 8
 
 
 def test_metrics_exist_and_move(srv):

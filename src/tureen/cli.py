@@ -1,4 +1,4 @@
-"""The ``tureen`` command: one subcommand per room (generate, serve, bench, plan)."""
+"""The ``tureen`` command: one subcommand per room (generate, serve, bench, plan, deploy, doctor, gateway, prompts)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,11 @@ _SUBCOMMANDS = [
     "tureen.server.cli",
     "tureen.bench.cli",
     "tureen.plan.cli",
+    "tureen.deploy.cli",
+    "tureen.doctor.cli",
+    "tureen.gateway.cli",
+    "tureen.gateway.cache.cli",
+    "tureen.prompts.cli",
 ]
 
 

@@ -38,6 +38,10 @@ class PromptTooLongError(InvalidRequestError):
         self.value = value
 
 
+class KVCacheTooSmallError(PromptTooLongError):
+    """The request fits ``max_model_len`` but needs more KV-cache blocks than the whole cache holds."""
+
+
 class ContextLengthExceededError(InvalidRequestError):
     """Prompt tokens plus ``max_tokens`` exceed ``max_model_len``."""
 
@@ -58,6 +62,10 @@ class ModelLoadError(TureenError):
 
 class EngineDeadError(TureenError):
     """The engine loop has stopped; no request can be served."""
+
+
+class EngineStepError(TureenError):
+    """The engine failed while running this request (a model step raised); other requests go on."""
 
 
 class EngineOverloadedError(TureenError):

@@ -51,3 +51,4 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = field(default=None, repr=False)
+    error: str | None = None  # set when the engine failed this request (its final output)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from tureen.errors import InvalidSamplingParamsError
 
@@ -14,6 +17,54 @@ class RequestOutputKind(enum.Enum):
     CUMULATIVE = 0  # every output carries the whole text and token ids so far
     DELTA = 1  # every output carries only what is new since the previous one
     FINAL_ONLY = 2  # one output, when the request finishes
+
+
+_CONSTRAINT_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on the output, as vLLM spells it: set exactly one of the first five fields.
+
+    ``json`` is a JSON schema (a dict or its JSON text), ``regex`` a regular expression the whole
+    output must match, ``choice`` a list of allowed outputs, ``grammar`` an EBNF (GBNF, with
+    ``::=``) or Lark grammar, ``json_object`` any JSON object. Only plain data lives here, so the
+    params cross process boundaries as they are; the engine compiles them (cached by ``key()``).
+    """
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False  # JSON: no whitespace between tokens (compact output)
+    disable_additional_properties: bool = False  # JSON schema: objects take only the listed properties
+    whitespace_pattern: str | None = None  # accepted for vLLM compatibility; not supported by xgrammar
+
+    def __post_init__(self) -> None:
+        if self.json_object is False:
+            self.json_object = None
+        kinds = [k for k in _CONSTRAINT_KINDS if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            found = ", ".join(kinds) or "none"
+            raise InvalidSamplingParamsError(
+                f"structured_outputs must set exactly one of {', '.join(_CONSTRAINT_KINDS)}; got {found}",
+                param="structured_outputs")
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) and c for c in self.choice)):
+            raise InvalidSamplingParamsError("structured_outputs.choice must be a non-empty list of non-empty strings",
+                                             param="structured_outputs.choice")
+        if self.whitespace_pattern is not None:
+            raise InvalidSamplingParamsError("structured_outputs.whitespace_pattern is not supported",
+                                             param="structured_outputs.whitespace_pattern")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in _CONSTRAINT_KINDS if getattr(self, k) is not None)
+
+    def key(self) -> str:
+        """A stable hash of the constraint: equal constraints share one compiled grammar."""
+        canonical = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 @dataclass
@@ -36,6 +87,10 @@ class SamplingParams:
     logprobs: int | None = None  # number of top alternatives besides the chosen token
     skip_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: StructuredOutputsParams | None = None  # constrain the output (JSON, regex, ...)
+    # Mixed into the prefix cache's first block hash: requests with different salts never share cached
+    # blocks (vLLM's cache_salt; tureen.engine.block_hash).
+    cache_salt: str | None = None
     # Filled by the engine from generation_config.json (not by users).
     eos_token_ids: list[int] = field(default_factory=list, repr=False)
 
@@ -70,6 +125,10 @@ class SamplingParams:
         for name, ok, rule in checks:
             if not ok:
                 raise InvalidSamplingParamsError(f"{name} {rule}, got {getattr(self, name)!r}", param=name)
+        if self.structured_outputs is not None and self.min_tokens > 0:
+            # A finished grammar allows only EOS, which min_tokens would ban: nothing could be sampled.
+            raise InvalidSamplingParamsError("min_tokens cannot be combined with structured outputs",
+                                             param="min_tokens")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise InvalidSamplingParamsError(
                 f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})", param="min_tokens")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +140,16 @@ class Tokenizer:
 
     def __len__(self) -> int:
         return self.vocab_size
+
+    @cached_property
+    def max_token_chars(self) -> int:
+        """Most characters of text one token can cover: an upper bound for early length checks.
+
+        A vocabulary entry's string is at least as long as the text it encodes (byte-level BPE spells
+        each byte as one character; WordPiece and byte-fallback spellings are longer still), so a
+        text longer than ``max_model_len * max_token_chars`` cannot fit, whatever it tokenizes to.
+        """
+        return max((len(t) for t in self._backend.get_vocab(with_added_tokens=True)), default=1) or 1
 
     # ----------------------------------------------------------------------------- special tokens
 

@@ -33,11 +33,66 @@ def add_parser(subparsers: Any) -> None:
                            epilog=_SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_serve_arguments(serve)
     serve.set_defaults(func=run_serve)
+    gateway = _optional_module("tureen.bench.gateway")
+    if gateway is not None:
+        gw = sub.add_parser("gateway", help="The gateway's overhead: the same streams direct and through it.",
+                            description=gateway.__doc__.split("\n\n")[1].replace("\n", " "))
+        gateway.add_arguments(gw)
+        gw.set_defaults(func=gateway.run)
     throughput = _throughput_module()
     if throughput is not None:
         tp = sub.add_parser("throughput", help="Offline engine throughput (no HTTP server).")
         throughput.add_arguments(tp)
         tp.set_defaults(func=throughput.run)
+    from tureen.bench import http_overhead
+
+    ho = sub.add_parser("http-overhead", help="One workload offline and through a local tureen serve: the ratio.",
+                        description=http_overhead.__doc__.split("\n\n")[0])
+    http_overhead.add_arguments(ho)
+
+    from tureen.bench import quant
+
+    qp = sub.add_parser("quant", help="Unquantized vs int8 / int4 / fp8: memory, speed and fidelity, side by side.",
+                        description=(quant.__doc__ or "").split("\n\n")[0])
+    quant.add_arguments(qp)
+
+    from tureen.bench import fuzz
+
+    fz = sub.add_parser("fuzz", help="Fuzz a running server or gateway from its OpenAPI document (schemathesis) "
+                                     "and hand-written hostile inputs.",
+                        description=fuzz.__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    fuzz.add_arguments(fz)
+
+    from tureen.bench import soak
+
+    sk = sub.add_parser("soak", help="A long mixed load (disconnects, bad requests, n>1, seeds, stops) against a "
+                                     "server or gateway, then every invariant checked; latency PNG.",
+                        description=soak.__doc__.split("\n\n")[0])
+    soak.add_arguments(sk)
+
+    from tureen.bench import block_hash
+
+    bh = sub.add_parser("block-hash", help="Cost of the prefix-cache hash strategies (sha256, blake2b, builtin).",
+                        description=block_hash.__doc__.split("\n\n")[0])
+    block_hash.add_arguments(bh)
+
+    from tureen.bench import single
+
+    sp = sub.add_parser("single", help="One request alone: batch-1 decode speed and its per-step breakdown.",
+                        description=(single.__doc__ or "").split("\n\n")[0])
+    single.add_arguments(sp)
+
+    from tureen.bench import structured
+
+    st = sub.add_parser("structured", help="Cost of structured outputs: a half-constrained batch vs unconstrained.",
+                        description=structured.__doc__)
+    structured.add_arguments(st)
+
+    from tureen.bench import spec
+
+    sp = sub.add_parser("spec", help="Speculative decoding (n-gram, self-draft, draft model) against none, side by side.",
+                        description=spec.__doc__.split("\n\n")[0])
+    spec.add_arguments(sp)
 
 
 def _throughput_module() -> Any:
@@ -46,6 +101,15 @@ def _throughput_module() -> Any:
         return importlib.import_module("tureen.bench.throughput")
     except ModuleNotFoundError as exc:
         if exc.name != "tureen.bench.throughput":
+            raise
+        return None
+
+
+def _optional_module(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:
             raise
         return None
 

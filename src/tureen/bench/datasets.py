@@ -1,4 +1,4 @@
-"""Benchmark workloads: random, prefix, ShareGPT and JSONL prompts.
+"""Benchmark workloads: random, prefix, ShareGPT, JSONL, and cache (repeated and paraphrased) prompts.
 
 Random and prefix prompts have an exact token length under the target's tokenizer: a window of
 ids is taken from a pool of tokenized filler text, decoded, and re-encoded; if the round trip
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,6 +33,8 @@ class SampleRequest:
     prompt: str
     prompt_len: int  # tokens under the codec; 0 when unknown (the server's usage fills it in)
     expected_output_len: int
+    kind: str = ""  # the cache dataset: "fresh", "repeat" or "paraphrase"
+    sampling: dict = field(default_factory=dict)  # extra request fields (the cache dataset: temperature 0)
 
 
 def build_samples(workload: WorkloadConfig, codec: TokenCodec | None) -> list[SampleRequest]:
@@ -45,6 +47,8 @@ def build_samples(workload: WorkloadConfig, codec: TokenCodec | None) -> list[Sa
         return random_samples(workload, codec, rng)
     if workload.dataset == "sharegpt":
         return sharegpt_samples(workload, codec, rng)
+    if workload.dataset == "cache":
+        return cache_samples(workload, codec, rng)
     return jsonl_samples(workload, codec)
 
 
@@ -226,3 +230,37 @@ def _cycle(samples: list[SampleRequest], n: int, source: str | None) -> list[Sam
     if len(samples) < n:
         logger.warning("dataset %s has %d usable prompts; repeating them to send %d", source, len(samples), n)
     return [samples[i % len(samples)] for i in range(n)]
+
+
+def cache_samples(workload: WorkloadConfig, codec: TokenCodec | None,
+                  rng: np.random.Generator) -> list[SampleRequest]:
+    """Questions for the gateway caches: each request is an exact repeat of an earlier one (share
+    ``cache_repeat_ratio``), a paraphrase of an earlier one (``cache_paraphrase_ratio``), or a new
+    question. The questions are labelled pairs (``--dataset-path``, default the gateway's shipped
+    set): a paraphrase is the other side of a ``same`` pair. Greedy (temperature 0), so the exact
+    tier may answer."""
+    from tureen.gateway.cache.calibrate import read_pairs, shipped_pairs
+
+    pairs = read_pairs(Path(workload.dataset_path) if workload.dataset_path else shipped_pairs())
+    paraphrase: dict[str, str | None] = {}
+    for p in pairs:  # one entry per question; a question of both a same and a different pair keeps its paraphrase
+        if p["same"] or p["a"] not in paraphrase:
+            paraphrase[p["a"]] = p["b"] if p["same"] else None
+    fresh = list(paraphrase.items())
+    order = [fresh[i] for i in rng.permutation(len(fresh))]
+    asked: list[tuple[str, str | None]] = []
+    samples: list[SampleRequest] = []
+    for _ in range(workload.num_prompts):
+        draw = rng.random()
+        paraphrasable = [q for q in asked if q[1] is not None]
+        if asked and draw < workload.cache_repeat_ratio:
+            text, kind = asked[int(rng.integers(len(asked)))][0], "repeat"
+        elif paraphrasable and draw < workload.cache_repeat_ratio + workload.cache_paraphrase_ratio:
+            text, kind = paraphrasable[int(rng.integers(len(paraphrasable)))][1], "paraphrase"
+        else:
+            question = order[len(asked) % len(order)]
+            asked.append(question)
+            text, kind = question[0], "fresh"
+        prompt_len = len(codec.encode(text)) if codec is not None else 0
+        samples.append(SampleRequest(text, prompt_len, workload.default_output_len, kind, {"temperature": 0}))
+    return samples

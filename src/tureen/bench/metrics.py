@@ -50,7 +50,25 @@ def compute_metrics(records: list[RequestRecord], duration: float, percentiles: 
     series = latency_series(ok)
     for metric in LATENCY_METRICS:
         result.update(summarize(series[metric], metric, percentiles))
+    if any(r.cache for r in ok):
+        result["cache"] = cache_stats(ok)
     return result
+
+
+CACHE_ANSWERS = ("hit", "semantic-hit", "miss")
+
+
+def cache_stats(ok: list[RequestRecord]) -> dict[str, Any]:
+    """Through a gateway with caches: the share each tier answered, median TTFT per answer, and per
+    kind of request (repeat, paraphrase, fresh) how it was answered."""
+    out: dict[str, Any] = {}
+    for answer in CACHE_ANSWERS:
+        chosen = [r for r in ok if (r.cache or "miss") == answer]
+        out[answer] = {"count": len(chosen), "rate": len(chosen) / max(1, len(ok)),
+                       "p50_ttft_ms": float(np.median([r.ttft for r in chosen]) * 1000) if chosen else None}
+    kinds = sorted({r.kind for r in ok if r.kind})
+    out["by_kind"] = {kind: dict(Counter(r.cache or "miss" for r in ok if r.kind == kind)) for kind in kinds}
+    return out
 
 
 def latency_series(ok: list[RequestRecord]) -> dict[str, list[float]]:

@@ -44,7 +44,22 @@ def print_result(console: Console, config: ServeBenchConfig, result: "RunResult"
             word = percentile_key(p, metric).split("_")[0].upper()
             table.add_row(f"{word} {name} (ms)", f"{m[percentile_key(p, metric)]:.2f}")
     console.print(table)
+    if "cache" in m:
+        _print_cache(console, m["cache"])
     _print_failures(console, result)
+
+
+def _print_cache(console: Console, stats: dict[str, Any]) -> None:
+    table = Table(title="Gateway cache (x-tureen-cache)", title_justify="left")
+    for column in ("answer", "requests", "share", "median TTFT (ms)"):
+        table.add_column(column, justify="right")
+    for answer in ("hit", "semantic-hit", "miss"):
+        row = stats[answer]
+        ttft = "-" if row["p50_ttft_ms"] is None else f"{row['p50_ttft_ms']:.2f}"
+        table.add_row(answer, str(row["count"]), f"{row['rate']:.1%}", ttft)
+    console.print(table)
+    for kind, answers in stats["by_kind"].items():
+        console.print(f"  {kind}: " + ", ".join(f"{a} {n}" for a, n in sorted(answers.items())))
 
 
 def _summary_rows(config: ServeBenchConfig, result: "RunResult") -> list[tuple[str, str]]:
@@ -134,6 +149,7 @@ def run_document(config: ServeBenchConfig, model: str, result: "RunResult") -> d
         "max_concurrency": result.concurrency,
         "stopped": result.stopped,
         "warmup_failed": result.warmup_failed,
+        "client_cpu_s": round(result.client_cpu_s, 4),  # the benchmark client's own CPU during the run
     }
     doc.update(result.metrics)
     doc.update(per_request_arrays(result.records))

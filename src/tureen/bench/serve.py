@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import httpx
+import aiohttp
 import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -28,6 +28,7 @@ from tureen.bench.datasets import SampleRequest, build_samples
 from tureen.bench.metrics import compute_metrics
 from tureen.bench.report import print_result, print_sweep, result_document, write_json
 from tureen.bench.serve_config import LoadConfig, ServeBenchConfig, TargetConfig
+from tureen.bench.spec_metrics import scrape_spec_counters
 from tureen.bench.token_codec import LocalCodec, ServerCodec, TokenCodec
 
 DEADLINE_SLACK_S = 30.0
@@ -70,6 +71,7 @@ class RunResult:
     duration: float
     stopped: str | None = None  # None, "interrupted" (Ctrl-C) or "deadline"
     warmup_failed: int = 0
+    client_cpu_s: float = 0.0  # this process's CPU time during the timed run (after the warm-up)
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
@@ -85,7 +87,7 @@ def default_deadline(load: LoadConfig, target: TargetConfig, n: int, concurrency
 async def execute_run(target: TargetConfig, plan: RunPlan,
                       on_done: Callable[[RequestRecord], None] = lambda r: None) -> RunResult:
     """Send every request of ``plan``; return when all finished, on Ctrl-C, or at the deadline."""
-    records = [RequestRecord(i, s.prompt_len, s.expected_output_len) for i, s in enumerate(plan.samples)]
+    records = [RequestRecord(i, s.prompt_len, s.expected_output_len, kind=s.kind) for i, s in enumerate(plan.samples)]
     payloads = [build_payload(target, plan.model, s) for s in plan.samples]
     limit = asyncio.Semaphore(plan.concurrency) if plan.concurrency else contextlib.nullcontext()
     stop = asyncio.Event()
@@ -93,7 +95,7 @@ async def execute_run(target: TargetConfig, plan: RunPlan,
     try:
         async with make_http_client(target, plan.concurrency) as http:
             warmup_failed = await _warmup(http, target, payloads[0], plan.warmup, plan.concurrency)
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             tasks: list[asyncio.Task] = []
 
             async def one(i: int) -> None:
@@ -105,18 +107,18 @@ async def execute_run(target: TargetConfig, plan: RunPlan,
 
             async def dispatch() -> None:
                 for i, offset in enumerate(plan.offsets):  # n iterations, each sleep bounded by the deadline
-                    delay = t0 + float(offset) - time.perf_counter()
-                    if delay > 0:
+                    # uvloop's timers have millisecond resolution and may fire a little early: sleep again
+                    while (delay := t0 + float(offset) - time.perf_counter()) > 0:
                         await asyncio.sleep(delay)
                     tasks.append(asyncio.create_task(one(i)))
                 await asyncio.gather(*tasks)
 
             stopped = await _wait_bounded(asyncio.create_task(dispatch()), stop, plan.deadline_s, tasks)
-            duration = time.perf_counter() - t0
+            duration, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     finally:
         restore_sigint()
     _mark_cancelled(records, stopped)
-    return RunResult(plan.concurrency, records, duration, stopped, warmup_failed)
+    return RunResult(plan.concurrency, records, duration, stopped, warmup_failed, client_cpu_s=cpu)
 
 
 async def _wait_bounded(main: asyncio.Task, stop: asyncio.Event, deadline_s: float,
@@ -131,7 +133,7 @@ async def _wait_bounded(main: asyncio.Task, stop: asyncio.Event, deadline_s: flo
     return stopped
 
 
-async def _guarded_send(http: httpx.AsyncClient, target: TargetConfig, payload: dict[str, Any],
+async def _guarded_send(http: aiohttp.ClientSession, target: TargetConfig, payload: dict[str, Any],
                         record: RequestRecord, t0: float) -> None:
     try:
         await send_request(http, target, payload, record, t0)
@@ -148,7 +150,7 @@ def _mark_cancelled(records: list[RequestRecord], stopped: str | None) -> None:
             r.fail("cancelled", f"still running at {why}")
 
 
-async def _warmup(http: httpx.AsyncClient, target: TargetConfig, payload: dict[str, Any], n: int,
+async def _warmup(http: aiohttp.ClientSession, target: TargetConfig, payload: dict[str, Any], n: int,
                   concurrency: int | None) -> int:
     """Send ``n`` unmeasured copies of the first request; return how many failed."""
     if n <= 0:
@@ -196,7 +198,18 @@ def run_level(config: ServeBenchConfig, plan: RunPlan, console: Console) -> RunR
     label = f"concurrency {plan.concurrency}" if plan.concurrency else "requests"
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(label, total=len(plan.samples))
-        return asyncio.run(execute_run(config.target, plan, lambda r: progress.advance(task)))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(execute_run(config.target, plan, lambda r: progress.advance(task)))
+
+
+def _loop_factory() -> Any:
+    """uvloop where installed: it halves the client's CPU time per stream chunk, CPU the server
+    under test would otherwise lose on a small machine. The standard loop elsewhere."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def bench_serve(config: ServeBenchConfig, console: Console | None = None) -> tuple[int, dict[str, Any]]:
@@ -208,22 +221,56 @@ def bench_serve(config: ServeBenchConfig, console: Console | None = None) -> tup
                                     else ServerCodec.probe(client, model))
         samples = build_samples(config.workload, codec)
         _print_header(console, config, model, samples)
-        results = []
+        results, spec = [], SpecWatch(client, console) if config.target.speculative_config else None
         for concurrency in config.load.sweep_concurrency or (config.load.max_concurrency,):
             result = run_level(config, _plan(config, model, samples, concurrency), console)
             fill_output_lens(result.records, codec)
             result.metrics = compute_metrics(result.records, result.duration, config.report.percentiles,
                                              config.report.goodput)
             print_result(console, config, result)
+            if spec is not None:
+                spec.observe()
             results.append(result)
             if result.stopped == "interrupted":
                 break
     if config.load.sweep_concurrency:
         print_sweep(console, config, results)
     document = result_document(config, model, results)
+    if spec is not None:
+        spec.annotate(document)
     _write_outputs(config, document, results, console)
     interrupted = any(r.stopped == "interrupted" for r in results)
     return (130 if interrupted else 0), document
+
+
+class SpecWatch:
+    """The server's speculative-decoding counters over each run (``bench/spec_metrics.py``)."""
+
+    def __init__(self, client, console: Console) -> None:
+        self.client, self.console = client, console
+        self.last = scrape_spec_counters(client)
+        self.levels: list[dict | None] = []
+        if self.last is None:
+            console.print("[yellow]--speculative-config was given, but the server's /metrics has no "
+                          "vllm:spec_decode_* counters: is speculation on there?[/yellow]")
+
+    def observe(self) -> None:
+        now = scrape_spec_counters(self.client)
+        if now is None or self.last is None:
+            self.levels.append(None)
+            return
+        run, self.last = now.minus(self.last), now
+        self.levels.append(run.document())
+        rate, length = run.acceptance_rate, run.mean_acceptance_length
+        self.console.print(f"Speculative decoding: {int(run.num_drafts)} drafts, acceptance "
+                           + ("-" if rate is None else f"{100 * rate:.1f}%") + ", mean accepted length "
+                           + ("-" if length is None else f"{length:.2f}"))
+
+    def annotate(self, document: dict) -> None:
+        """Each run's counters into the result document (``speculative_decoding``)."""
+        runs = document.get("sweep", [document])
+        for run, level in zip(runs, self.levels):
+            run["speculative_decoding"] = level
 
 
 def _console() -> Console:

@@ -14,7 +14,7 @@ from typing import Any
 from tureen.errors import ConfigError
 
 ENDPOINTS = ("completions", "chat")
-DATASETS = ("random", "prefix", "sharegpt", "jsonl")
+DATASETS = ("random", "prefix", "sharegpt", "jsonl", "cache")
 SLO_NAMES = ("ttft", "tpot", "e2el")
 
 
@@ -92,8 +92,16 @@ class TargetConfig:
     tokenizer: str | None = field(default=None, metadata=_help(
         "Local tokenizer directory for building prompts and counting tokens, instead of the "
         "server's /tokenize and /detokenize."))
+    speculative_config: str | None = field(default=None, metadata=_help(
+        "The server's speculative decoding setting (the JSON given to tureen serve --speculative-config): "
+        "recorded with the results, and the server's vllm:spec_decode_* counters are read from /metrics "
+        "around each run to report its acceptance rate and mean accepted length."))
 
     def __post_init__(self) -> None:
+        if self.speculative_config is not None:
+            from tureen.config import SpeculativeConfig
+
+            SpeculativeConfig.parse(self.speculative_config)  # a bad setting is a clear error here too
         if not self.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"base_url must start with http:// or https://, got {self.base_url!r}")
         self.base_url = self.base_url.rstrip("/")
@@ -115,7 +123,8 @@ class WorkloadConfig:
 
     dataset: str = field(default="random", metadata=_help(
         "Prompt source: random (exact token lengths), prefix (shared prefix + random suffix), "
-        "sharegpt (ShareGPT JSON file) or jsonl (one {\"prompt\", \"output_len\"?} per line).",
+        "sharegpt (ShareGPT JSON file), jsonl (one {\"prompt\", \"output_len\"?} per line) or cache "
+        "(repeated and paraphrased questions for the gateway caches; --dataset-path: labelled pairs).",
         choices=list(DATASETS)))
     dataset_path: str | None = field(default=None, metadata=_help(
         "File for the sharegpt and jsonl datasets."))
@@ -130,6 +139,10 @@ class WorkloadConfig:
     prefix_len: int | None = field(default=None, metadata=_help(
         "Tokens of the prefix shared by every prompt. Default: 0 for random, input_len for prefix."))
     seed: int = field(default=0, metadata=_help("Seed for prompts and arrival times."))
+    cache_repeat_ratio: float = field(default=0.3, metadata=_help(
+        "cache dataset: share of requests that repeat an earlier question word for word."))
+    cache_paraphrase_ratio: float = field(default=0.3, metadata=_help(
+        "cache dataset: share of requests that paraphrase an earlier question."))
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -144,6 +157,9 @@ class WorkloadConfig:
             raise ConfigError(f"output_len must be >= 1, got {self.output_len}")
         if not 0.0 <= self.range_ratio < 1.0:
             raise ConfigError(f"range_ratio must be in [0, 1), got {self.range_ratio}")
+        if not (0 <= self.cache_repeat_ratio and 0 <= self.cache_paraphrase_ratio
+                and self.cache_repeat_ratio + self.cache_paraphrase_ratio <= 1):
+            raise ConfigError("cache_repeat_ratio and cache_paraphrase_ratio must be >= 0 and sum to at most 1")
         if self.prefix_len is None:
             self.prefix_len = self.input_len if self.dataset == "prefix" else 0
         if self.prefix_len < 0:

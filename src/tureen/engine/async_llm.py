@@ -1,10 +1,10 @@
-"""Asynchronous engine interface: add a request, stream its outputs, abort it.
+"""The in-process ``EngineClient``: the engine loop in a thread of the caller's process.
 
-The engine loop runs in its own thread, off the HTTP event loop. Torch kernels release the GIL,
-so the event loop keeps answering (health checks, new connections) while a step computes; a
-thread also shares the tokenizer and the request objects without serialising them, which a
-process would have to do on every token. Commands go in through a thread-safe queue; outputs
-come back through ``loop.call_soon_threadsafe`` into one asyncio queue per request.
+``tureen serve`` runs the engine core in its own process instead (``engine/core_client.py``);
+this client remains for embedding the engine in another asyncio program and for tests. Requests
+are validated once by the engine's input processor on the caller's side; commands go in through
+a thread-safe queue; outputs come back through ``loop.call_soon_threadsafe`` into one asyncio
+queue per request.
 """
 
 from __future__ import annotations
@@ -19,40 +19,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from tureen.config import EngineConfig
+from tureen.engine.core_messages import EngineCoreRequest
 from tureen.engine.llm_engine import LLMEngine
-from tureen.errors import EngineDeadError, InvalidRequestError
+from tureen.engine.output_stream import OutputStream
+from tureen.engine.protocol import EngineStats
+from tureen.errors import EngineDeadError, EngineStepError, InvalidRequestError
 from tureen.outputs import RequestOutput
-from tureen.sampling_params import SamplingParams
+from tureen.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("tureen.engine")
 
 _IDLE_WAIT_S = 0.25  # the loop wakes at least this often when idle, to refresh the heartbeat
-
-
-@dataclass
-class EngineStats:
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    num_blocks: int = 0
-    block_size: int = 0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    num_preemptions: int = 0
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    heartbeat: float = 0.0  # time.monotonic() of the loop's last iteration
-    is_alive: bool = True
-
-
-@dataclass
-class _Add:
-    request_id: str
-    prompt: str | list[int]
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    priority: int
-    arrival_time: float
 
 
 @dataclass
@@ -73,13 +50,14 @@ class AsyncLLM:
         self.max_model_len = engine.max_model_len
         self.is_demo_model = engine.is_demo_model
         self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, OutputStream]] = {}
         self._lock = threading.Lock()  # guards _streams
         self._stats = EngineStats(num_blocks=engine.num_kv_blocks, block_size=engine.block_size,
                                   heartbeat=time.monotonic())
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="tureen-engine", daemon=True)
         self._thread.start()
+        engine.structured.warm_up()  # a server's first constrained request should not pay for it
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "AsyncLLM":
@@ -87,29 +65,32 @@ class AsyncLLM:
 
     # ---- public API (event-loop side) -------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        max_tokens = self.engine.validate(prompt_token_ids, params)
+        max_tokens = self.engine.processor.validate(prompt_token_ids, params)
         if params.max_tokens is None:
             params.max_tokens = max_tokens
+
+    async def check_structured_outputs(self, params: SamplingParams) -> None:
+        """Compile the request's constraint in a worker thread (cached for the engine's own use);
+        InvalidRequestError says what is wrong with it."""
+        if params.structured_outputs is not None:
+            await asyncio.to_thread(self.engine.check_structured_outputs, params)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str, *,
                        priority: int = 0) -> AsyncIterator[RequestOutput]:
         if self._error is not None or not self._thread.is_alive():
             raise EngineDeadError(f"the engine loop has stopped: {self._error!r}")
-        ids = self.engine.tokenize_prompt(prompt)
-        self.validate(ids, params)
+        core = self.engine.processor.process(request_id, prompt, params, priority=priority)
         loop = asyncio.get_running_loop()
-        stream: asyncio.Queue = asyncio.Queue()
+        stream = OutputStream(coalesce=core.params.output_kind == RequestOutputKind.DELTA)
         with self._lock:
             if request_id in self._streams:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
             self._streams[request_id] = (loop, stream)
-        self._commands.put(_Add(request_id, prompt, ids, params, priority, time.time()))
+        self._commands.put(core)
         finished = False
         try:
             while True:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    raise item
+                item = await stream.get()  # raises the request's error
                 finished = item.finished
                 yield item
                 if finished:
@@ -168,7 +149,7 @@ class AsyncLLM:
             except queue.Empty:
                 return True
 
-    def _apply(self, cmd: _Add | _Abort) -> None:
+    def _apply(self, cmd: EngineCoreRequest | _Abort) -> None:
         if isinstance(cmd, _Abort):
             self.engine.abort_request(cmd.request_id)
             return
@@ -176,14 +157,13 @@ class AsyncLLM:
             if cmd.request_id not in self._streams:  # the client left before the engine saw it
                 return
         try:
-            self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params, priority=cmd.priority,
-                                    arrival_time=cmd.arrival_time, prompt_token_ids=cmd.prompt_token_ids)
+            self.engine.add_core_request(cmd)
         except Exception as exc:  # validated already; anything left is reported, never fatal
             self._send(cmd.request_id, exc)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
-            self._send(out.request_id, out)
+            self._send(out.request_id, out if out.error is None else EngineStepError(out.error))
 
     def _send(self, request_id: str, item: Any) -> None:
         with self._lock:
@@ -216,4 +196,4 @@ class AsyncLLM:
             prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits,
             num_preemptions=s.num_preemptions, prompt_tokens=engine.prompt_tokens_total,
             generation_tokens=engine.generation_tokens_total, heartbeat=time.monotonic(),
-            is_alive=self._error is None)
+            is_alive=self._error is None, spec_decoding=s.spec_decoding)

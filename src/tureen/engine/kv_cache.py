@@ -21,11 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tureen.engine.block_hash import BlockHasher, Sha256Hasher
 from tureen.engine.request import Request
-
-
-def hash_block(parent_hash: int | None, tokens: tuple[int, ...]) -> int:
-    return hash((parent_hash, tokens))
 
 
 @dataclass
@@ -93,8 +90,10 @@ class BlockPool:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool,
+                 hasher: BlockHasher | None = None) -> None:
         self.block_size = block_size
+        self.hasher = hasher or Sha256Hasher()  # tureen.engine.block_hash: --prefix-caching-hash-algo
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching)
         self.prefix_cache_queries = 0  # tokens looked up in the prefix cache (cumulative)
@@ -136,13 +135,16 @@ class KVCacheManager:
             self.prefix_cache_queries += num_tokens
             self.prefix_cache_hits += num_hit_tokens
 
-    def allocate_slots(self, req: Request, num_new_tokens: int, computed: list[KVBlock] = ()) -> bool:
+    def allocate_slots(self, req: Request, num_new_tokens: int, computed: list[KVBlock] = (),
+                       num_lookahead_tokens: int = 0) -> bool:
         """Give ``req`` blocks for ``computed`` cache hits plus ``num_new_tokens`` more tokens.
 
+        ``num_lookahead_tokens`` more slots follow for drafted, unverified tokens: they get blocks
+        but are never hashed, since their tokens may yet be rejected (see ``rollback``).
         Returns False, changing nothing, when the pool cannot supply them.
         """
         num_computed = req.num_computed_tokens + len(computed) * self.block_size
-        total_blocks = self.blocks_needed(num_computed + num_new_tokens)
+        total_blocks = self.blocks_needed(num_computed + num_new_tokens + num_lookahead_tokens)
         num_new_blocks = total_blocks - len(req.block_ids) - len(computed)
         idle_hits = sum(1 for b in computed if b.ref_cnt == 0)  # touching these shrinks the free queue
         if num_new_blocks + idle_hits > self.pool.num_free:
@@ -152,6 +154,19 @@ class KVCacheManager:
         req.block_ids.extend(b.block_id for b in (*computed, *new_blocks))
         self._register_full_blocks(req, num_computed + num_new_tokens)
         return True
+
+    def rollback(self, req: Request) -> int:
+        """Return the blocks past ``req``'s known tokens (they held only rejected drafts) to the pool.
+
+        Such blocks were never registered in the prefix cache, so nothing else refers to them.
+        Returns how many blocks were freed.
+        """
+        keep = self.blocks_needed(req.num_tokens)
+        extra = [self.pool.blocks[i] for i in reversed(req.block_ids[keep:])]
+        if extra:
+            self.pool.release(extra)
+            del req.block_ids[keep:]
+        return len(extra)
 
     def free(self, req: Request) -> None:
         """Release a request's blocks, tail first (see the module docstring), and clear its table."""
@@ -174,6 +189,7 @@ class KVCacheManager:
     def _update_hashes(self, req: Request) -> None:
         bs = self.block_size
         hashes = req.block_hashes
+        salt = req.sampling_params.cache_salt
         for i in range(len(hashes), req.num_tokens // bs):
             parent = hashes[i - 1] if i else None
-            hashes.append(hash_block(parent, tuple(req.all_token_ids[i * bs:(i + 1) * bs])))
+            hashes.append(self.hasher(parent, req.all_token_ids[i * bs:(i + 1) * bs], salt))

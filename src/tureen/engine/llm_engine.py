@@ -1,6 +1,6 @@
 """The synchronous engine: add requests, ``step()`` until they finish.
 
-    prompt ──tokenize/validate──> Request(s) ──> Scheduler.schedule() ──SchedulerOutput──>
+    prompt ──InputProcessor (tokenize, validate once)──> Request(s) ──> Scheduler.schedule() ──SchedulerOutput──>
     ModelRunner.execute() ──ModelRunnerOutput──> Scheduler.update_from_output() ──>
     IncrementalDetokenizer (stop strings) ──> RequestOutput
 """
@@ -10,15 +10,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tureen.config import EngineConfig
+from tureen.engine.core_messages import EngineCoreRequest
 from tureen.engine.detokenizer import IncrementalDetokenizer
-from tureen.engine.messages import TokenLogprobs
+from tureen.engine.executor import Executor
+from tureen.engine.input_processor import InputLimits, InputProcessor
+from tureen.engine.messages import SchedulerOutput, TokenLogprobs
 from tureen.engine.request import Request, RequestStatus
 from tureen.engine.scheduler import Scheduler, SchedulerStats
-from tureen.errors import (ConfigError, ContextLengthExceededError, InvalidRequestError, PromptTooLongError)
+from tureen.engine.spec_decode.speculator import Speculator, build_speculator
+from tureen.engine.step_timing import NULL_TIMER, NullTimer, StepTimer
+from tureen.errors import ConfigError, InvalidRequestError
 from tureen.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from tureen.sampling_params import RequestOutputKind, SamplingParams
 from tureen.tokenizer import Tokenizer
@@ -49,6 +55,7 @@ class _Parent:
     params: SamplingParams
     metrics: RequestMetrics
     samples: list[_Sample] = field(default_factory=list)
+    grammar: Future | None = None  # the compiled constraint, while its samples wait to be scheduled
 
     @property
     def finished(self) -> bool:
@@ -68,27 +75,66 @@ def resolve_model(config: EngineConfig) -> tuple[Path, bool]:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
-        from tureen.executor.model_runner import ModelRunner  # torch lives behind this import
+    """The engine core: scheduler, executor (model runner) and detokenizer, stepped by its owner.
 
+    ``runner`` is the executor: anything with the ``Executor`` shape (``engine/executor.py``).
+    By default the model runner for the checkpoint; tests pass a fake, and later a draft runner
+    or tensor-parallel workers plug in the same way.
+    """
+
+    def __init__(self, config: EngineConfig, runner: Executor | None = None) -> None:
         self.config = config
         self.checkpoint_dir, self.is_demo_model = resolve_model(config)
         self.model_name = config.model.served_model_name or (
             DEMO_MODEL_NAME if self.is_demo_model else config.model.model)
         self.tokenizer = Tokenizer.from_pretrained(self.checkpoint_dir, chat_template=config.model.chat_template)
-        self.runner = ModelRunner(config, self.checkpoint_dir)
+        if runner is None:
+            from tureen.executor.model_runner import ModelRunner  # torch lives behind this import
+
+            runner = ModelRunner(config, self.checkpoint_dir)
+        self.runner = runner
         self.max_model_len = self._resolve_max_model_len()
         self.num_kv_blocks = self.runner.determine_num_blocks()
         self.runner.allocate_kv_cache(self.num_kv_blocks)
         self.block_size = config.cache.block_size
         self.max_concurrency = self.num_kv_blocks // -(-self.max_model_len // self.block_size)
-        self.scheduler = Scheduler(config.scheduler, config.cache, self.max_model_len, self.num_kv_blocks)
+        self.processor = InputProcessor(self.tokenizer, self.input_limits())
+        spec = config.speculative_config
+        self.scheduler = Scheduler(config.scheduler, config.cache, self.max_model_len, self.num_kv_blocks,
+                                   num_spec_tokens=spec.num_speculative_tokens if spec else 0)
+        self.speculator = self._build_speculator()
+        from tureen.executor.structured import StructuredOutputManager  # xgrammar lives behind this import
+        self.structured = StructuredOutputManager(config.structured_outputs, self.tokenizer, self.runner.vocab_size)
+        self._compiling: list[_Parent] = []  # constrained requests whose grammar is still compiling
+        self._num_constrained = 0  # unfinished requests with a constraint; 0 skips the bitmask entirely
         self._parents: dict[str, _Parent] = {}
         self._samples: dict[str, tuple[_Parent, _Sample]] = {}  # scheduler req_id -> owner
         self._finished_outside: list[RequestOutput] = []  # aborted between steps, reported next step
+        self.step_timer: NullTimer | StepTimer = NULL_TIMER  # enable_step_timing() swaps in a StepTimer
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self._log_kv_cache()
+
+    def _build_speculator(self) -> Speculator | None:
+        spec = self.config.speculative_config
+        if spec is None:
+            return None
+
+        def load_draft():
+            from tureen.executor.spec_decode.draft import DraftModelProposer  # torch lives behind this import
+
+            return DraftModelProposer.load(self.config, spec, self.checkpoint_dir, self.tokenizer,
+                                           self.runner.vocab_size, self.num_kv_blocks)
+
+        speculator = build_speculator(spec, self.max_model_len, load_draft)
+        logger.info("speculative decoding: %s, %d tokens per step, while at most %s requests run", spec.method
+                    if not spec.is_self_draft else f"{spec.quantization} self-draft", spec.num_speculative_tokens,
+                    spec.disable_by_batch_size if spec.disable_by_batch_size is not None else "any number of")
+        return speculator
+
+    def input_limits(self) -> InputLimits:
+        vocab = min(self.tokenizer.vocab_size, self.runner.vocab_size)  # the model's table may be smaller
+        return InputLimits(vocab, self.max_model_len, self.num_kv_blocks, self.block_size)
 
     def _resolve_max_model_len(self) -> int:
         limit = self.runner.max_position_embeddings
@@ -101,69 +147,106 @@ class LLMEngine:
         kib = self.runner.kv_bytes_per_token / 1024
         logger.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.1f KiB/token); max concurrency at "
-            "max_model_len=%d: %d sequences", self.num_kv_blocks, self.block_size,
-            self.num_kv_blocks * self.block_size, kib, self.max_model_len, self.max_concurrency)
+            "max_model_len=%d: %d sequences; KV dtype %s", self.num_kv_blocks, self.block_size,
+            self.num_kv_blocks * self.block_size, kib, self.max_model_len, self.max_concurrency,
+            self.runner.kv_cache_description())
 
     # ---- adding and aborting ------------------------------------------------------------
     def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise InvalidRequestError("a token-id prompt must be a list of integers", param="prompt")
-        vocab = min(self.tokenizer.vocab_size, self.runner.vocab_size)  # the model's table may be smaller
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param="prompt")
-        return list(prompt)
+        return self.processor.tokenize(prompt)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         """Check a request fits; return its resolved max_tokens. Raises typed errors, changes nothing."""
-        n_prompt, limit = len(prompt_token_ids), self.max_model_len
-        if n_prompt == 0:
-            raise InvalidRequestError("the prompt is empty", param="prompt")
-        if n_prompt >= limit:
-            raise PromptTooLongError(
-                f"the prompt has {n_prompt} tokens, but max_model_len is {limit} (prompt plus at least one "
-                f"generated token must fit)", limit=limit, value=n_prompt)
-        max_tokens = params.max_tokens if params.max_tokens is not None else limit - n_prompt
-        if n_prompt + max_tokens > limit:
-            raise ContextLengthExceededError(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} in the completion). "
-                f"Please reduce the length of the prompt or max_tokens.",
-                limit=limit, prompt_tokens=n_prompt, max_tokens=max_tokens)
-        capacity = self.num_kv_blocks * self.block_size
-        if -(-(n_prompt + max_tokens) // self.block_size) > self.num_kv_blocks:
-            raise PromptTooLongError(
-                f"the request needs up to {n_prompt + max_tokens} tokens of KV cache, but the whole cache holds "
-                f"{capacity}; raise the KV budget or lower max_tokens", limit=capacity, value=n_prompt + max_tokens)
-        return max_tokens
+        return self.processor.validate(prompt_token_ids, params)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
                     priority: int = 0, arrival_time: float | None = None,
                     prompt_token_ids: list[int] | None = None) -> None:
         if request_id in self._parents:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
-        ids = prompt_token_ids if prompt_token_ids is not None else self.tokenize_prompt(prompt)
-        max_tokens = self.validate(ids, params)
-        params = dataclasses.replace(params, eos_token_ids=list(self.tokenizer.eos_token_ids))
-        now = time.time() if arrival_time is None else arrival_time
-        parent = _Parent(request_id, prompt if isinstance(prompt, str) else None, ids, params, RequestMetrics(now))
+        self.add_core_request(self.processor.process(request_id, prompt, params, priority=priority,
+                                                     arrival_time=arrival_time, prompt_token_ids=prompt_token_ids))
+
+    def add_core_request(self, core: EngineCoreRequest) -> None:
+        """Add a request the input processor has already validated and resolved (no checks here)."""
+        if core.request_id in self._parents:
+            raise InvalidRequestError(f"request id {core.request_id!r} is already in use", param="request_id")
+        params, ids = core.params, core.prompt_token_ids
+        grammar = self._start_compiling(params)
+        assert params.max_tokens is not None, "an EngineCoreRequest has its max_tokens resolved"
+        parent = _Parent(core.request_id, core.prompt, ids, params, RequestMetrics(core.arrival_time))
         for i in range(params.n):
             child_params = params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
-            req_id = request_id if params.n == 1 else f"{request_id}#{i}"
-            req = Request(req_id, ids, child_params, max_tokens=max_tokens, priority=priority, arrival_time=now)
+            req_id = core.request_id if params.n == 1 else f"{core.request_id}#{i}"
+            req = Request(req_id, ids, child_params, max_tokens=params.max_tokens, priority=core.priority,
+                          arrival_time=core.arrival_time)
             sample = _Sample(i, req, IncrementalDetokenizer(self.tokenizer, ids, child_params))
             parent.samples.append(sample)
             self._samples[req_id] = (parent, sample)
-        self._parents[request_id] = parent
+        self._parents[core.request_id] = parent
+        if grammar is not None:
+            parent.grammar = grammar
+            self._compiling.append(parent)
+            self._num_constrained += len(parent.samples)
+            return
         for sample in parent.samples:
             self.scheduler.add_request(sample.req)
+
+    def check_structured_outputs(self, params: SamplingParams) -> None:
+        """Compile the request's constraint now (cached); InvalidRequestError names what is wrong.
+
+        Blocking: the server calls it off its event loop, the offline API before adding requests.
+        """
+        if params.structured_outputs is not None:
+            self.structured.check(params.structured_outputs)
+
+    def _start_compiling(self, params: SamplingParams) -> Future | None:
+        """Compile the constraint in the background; the samples wait until it is ready.
+
+        A constraint already known to be bad raises here, before anything is queued.
+        """
+        if params.structured_outputs is None:
+            return None
+        future = self.structured.compile_async(params.structured_outputs)
+        if future.done() and future.exception() is not None:
+            raise future.exception()
+        return future
+
+    def _admit_compiled(self) -> None:
+        """Schedule the constrained requests whose grammar is ready; fail those whose grammar is bad."""
+        if not self._compiling:
+            return
+        if not self.scheduler.has_unfinished():  # nothing else to run: wait a little for a compilation
+            wait([p.grammar for p in self._compiling], timeout=0.05, return_when=FIRST_COMPLETED)
+        waiting = []
+        for parent in self._compiling:
+            if not parent.grammar.done():
+                waiting.append(parent)
+            elif parent.grammar.exception() is not None:
+                logger.warning("request %s: %s", parent.request_id, parent.grammar.exception())
+                self._finish_unscheduled(parent)
+            else:
+                for sample in parent.samples:
+                    sample.req.grammar = self.structured.new_grammar(parent.grammar.result())
+                    self.scheduler.add_request(sample.req)
+                parent.grammar = None
+        self._compiling = waiting
+
+    def _finish_unscheduled(self, parent: _Parent) -> None:
+        for sample in parent.samples:
+            sample.req.status = RequestStatus.FINISHED_ABORTED
+        out = self._make_output(parent)
+        if out is not None:
+            self._finished_outside.append(out)
 
     def abort_request(self, request_id: str) -> None:
         """Abort a request: its blocks are freed now; its final output comes from the next step()."""
         parent = self._parents.get(request_id)
         if parent is None:
+            return
+        if parent in self._compiling:  # never reached the scheduler
+            self._compiling.remove(parent)
+            self._finish_unscheduled(parent)
             return
         for sample in parent.samples:
             if not sample.req.is_finished:
@@ -181,14 +264,57 @@ class LLMEngine:
 
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        timer = self.step_timer
+        timer.start()
+        self._admit_compiled()
         outputs, self._finished_outside = self._finished_outside, []
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return outputs
         self._mark_scheduled(sched.requests)
-        result = self.runner.execute(sched)
+        if self._num_constrained:
+            sched.token_bitmask = self.structured.token_bitmask(sched, self.scheduler.requests)
+        timer.lap("schedule")
+        try:
+            result = self.runner.execute(sched)
+        except Exception as exc:  # a failed model step fails its own requests, never the engine
+            return outputs + self._fail_step(sched, exc)
         updated = self.scheduler.update_from_output(sched, result)
-        return outputs + self._process(updated)
+        timer.lap("update")
+        outputs += self._process(updated)
+        timer.lap("output")
+        if self.speculator is not None:  # drafts for the next step, once stop strings have ended requests
+            self.speculator.propose(self.scheduler.running)
+            timer.lap("propose")
+        timer.end_step()
+        return outputs
+
+    def enable_step_timing(self) -> StepTimer:
+        """Start timing every step's phases (``engine/step_timing.py``); returns the timer."""
+        self.step_timer = StepTimer()
+        if hasattr(self.runner, "step_timer"):  # the model runner times its own phases
+            self.runner.step_timer = self.step_timer
+        return self.step_timer
+
+    def _fail_step(self, sched: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
+        """Finish every request of a step that raised (blocks freed) with an error output each."""
+        logger.error("a model step failed; failing its %d requests", len(sched.requests), exc_info=exc)
+        message = f"the engine failed while running this request: {type(exc).__name__}: {exc}"
+        failed: dict[str, _Parent] = {}
+        for sr in sched.requests:
+            owner = self._samples.get(sr.req_id)
+            if owner is not None:
+                failed[owner[0].request_id] = owner[0]
+        outputs = []
+        for parent in failed.values():
+            for sample in parent.samples:
+                if not sample.req.is_finished:
+                    self.scheduler.finish_request(sample.req.req_id, RequestStatus.FINISHED_ABORTED)
+            out = self._make_output(parent)
+            if out is not None:
+                out.error = message
+                outputs.append(out)
+        return outputs
 
     def _mark_scheduled(self, scheduled) -> None:
         now = time.time()
@@ -204,10 +330,9 @@ class LLMEngine:
         touched: dict[str, _Parent] = {}
         for req in updated:
             parent, sample = self._samples[req.req_id]
-            new_tokens = req.output_token_ids[sample.num_tokens_seen:]
-            sample.num_tokens_seen = len(req.output_token_ids)
-            self.generation_tokens_total += len(new_tokens)
-            stop = sample.detok.update(new_tokens)
+            self.step_timer.lap("output")
+            stop = self._detokenize(sample, req)
+            self.step_timer.lap("detokenize")
             if stop is not None:
                 if req.is_finished:
                     req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop
@@ -223,6 +348,27 @@ class LLMEngine:
             if out is not None:
                 outputs.append(out)
         return outputs
+
+    def _detokenize(self, sample: _Sample, req: Request) -> str | None:
+        """Feed the request's new tokens to its detokenizer; return the stop string they complete.
+
+        A step may add several tokens (accepted drafts). With stop strings they go in one at a
+        time, and tokens after the one that completed a stop string are dropped, as if the
+        request had decoded one token per step.
+        """
+        new_tokens = req.output_token_ids[sample.num_tokens_seen:]
+        stop = None
+        if len(new_tokens) > 1 and req.sampling_params.stop:
+            for i, token in enumerate(new_tokens):
+                stop = sample.detok.update([token])
+                if stop is not None:
+                    req.truncate_output(sample.num_tokens_seen + i + 1)
+                    break
+        else:
+            stop = sample.detok.update(new_tokens)
+        self.generation_tokens_total += len(req.output_token_ids) - sample.num_tokens_seen
+        sample.num_tokens_seen = len(req.output_token_ids)
+        return stop
 
     # ---- outputs --------------------------------------------------------------------------
     def _make_output(self, parent: _Parent) -> RequestOutput | None:
@@ -281,6 +427,8 @@ class LLMEngine:
             return
         parent.metrics.finished_time = time.time()
         parent.metrics.num_preemptions = sum(s.req.num_preemptions for s in parent.samples)
+        if parent.params.structured_outputs is not None:
+            self._num_constrained -= len(parent.samples)
         self.prompt_tokens_total += len(parent.prompt_token_ids)
         for sample in parent.samples:
             self._samples.pop(sample.req.req_id, None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import Protocol
 
 from tureen.engine.messages import TokenLogprobs
 from tureen.sampling_params import SamplingParams
@@ -26,6 +27,21 @@ class RequestStatus(enum.IntEnum):
     @property
     def finish_reason(self) -> str | None:
         return {3: "stop", 4: "length", 5: "abort"}.get(int(self))
+
+
+class Grammar(Protocol):
+    """A structured-output constraint's state for one sequence (built by ``executor/structured``).
+
+    The scheduler advances it with every accepted token, so it always describes the sequence's
+    output so far: a preempted request keeps it (its tokens are recomputed, not resampled), and a
+    speculative run can feed drafted tokens one at a time and roll back the rejected ones.
+    """
+
+    def accept_tokens(self, token_ids: list[int]) -> bool: ...
+
+    def is_terminated(self) -> bool: ...
+
+    def rollback(self, num_tokens: int) -> None: ...
 
 
 class Request:
@@ -64,6 +80,12 @@ class Request:
         self.num_preemptions = 0
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
+        self.grammar: Grammar | None = None  # set once its structured-output constraint has compiled
+        # Speculative decoding: tokens a proposer drafted after the last sampled one. They are not in
+        # all_token_ids until the target accepts them; draft_probs is their (k, V) draft distribution
+        # when the proposer has one. The scheduler may send fewer than drafted (budget, length).
+        self.spec_token_ids: list[int] = []
+        self.draft_probs = None
 
     @property
     def num_tokens(self) -> int:
@@ -82,16 +104,27 @@ class Request:
         self.output_token_ids.append(token_id)
         self.logprobs.append(logprobs)
 
-    def step_seed(self) -> int | None:
-        """Seed for the next sampled token of a seeded request.
+    def clear_spec(self) -> None:
+        self.spec_token_ids = []
+        self.draft_probs = None
+
+    def truncate_output(self, num_output_tokens: int) -> None:
+        """Drop output tokens past the first ``num_output_tokens`` (a stop string ended the text there)."""
+        drop = len(self.output_token_ids) - num_output_tokens
+        if drop > 0:
+            del self.all_token_ids[-drop:], self.output_token_ids[-drop:], self.logprobs[-drop:]
+
+    def step_seed(self, offset: int = 0) -> int | None:
+        """Seed for the output token ``offset`` places after the next one, for a seeded request.
 
         Derived from (seed, output index) alone, so a seeded request samples the same tokens
-        whatever else is in the batch and after a preemption-by-recompute.
+        whatever else is in the batch, after a preemption-by-recompute and, with speculation,
+        whichever step verifies the token.
         """
         seed = self.sampling_params.seed
         if seed is None:
             return None
-        step = len(self.output_token_ids)
+        step = len(self.output_token_ids) + offset
         return (seed * 0x9E3779B97F4A7C15 + (step + 1) * 0xBF58476D1CE4E5B9) & _MASK63
 
     def sort_key(self) -> tuple[int, float, str]:

@@ -18,9 +18,11 @@ import heapq
 from dataclasses import dataclass
 
 from tureen.config import CacheConfig, SchedulerConfig
+from tureen.engine.block_hash import make_block_hasher
 from tureen.engine.kv_cache import KVCacheManager
 from tureen.engine.messages import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from tureen.engine.request import Request, RequestStatus
+from tureen.engine.spec_decode.stats import SpecDecodingStats
 
 
 @dataclass
@@ -32,19 +34,22 @@ class SchedulerStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+    spec_decoding: SpecDecodingStats | None = None  # cumulative; None when speculation is off
 
 
 class Scheduler:
     def __init__(self, sched_config: SchedulerConfig, cache_config: CacheConfig,
-                 max_model_len: int, num_blocks: int) -> None:
+                 max_model_len: int, num_blocks: int, num_spec_tokens: int = 0) -> None:
         self.max_num_seqs = sched_config.max_num_seqs
         self.max_num_batched_tokens = sched_config.max_num_batched_tokens
         self.max_model_len = max_model_len
-        self.kv = KVCacheManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
+        self.kv = KVCacheManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching,
+                                 make_block_hasher(cache_config.prefix_caching_hash_algo))
         self.requests: dict[str, Request] = {}
         self.waiting: list[tuple[tuple, Request]] = []  # heap ordered by Request.sort_key()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.spec_stats = SpecDecodingStats(num_spec_tokens)
 
     # ---- queue management -------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -71,7 +76,8 @@ class Scheduler:
         return SchedulerStats(
             num_running=len(self.running), num_waiting=len(self.waiting), kv_cache_usage=self.kv.usage,
             num_blocks=self.kv.num_blocks, prefix_cache_queries=self.kv.prefix_cache_queries,
-            prefix_cache_hits=self.kv.prefix_cache_hits, num_preemptions=self.num_preemptions)
+            prefix_cache_hits=self.kv.prefix_cache_hits, num_preemptions=self.num_preemptions,
+            spec_decoding=self.spec_stats.snapshot() if self.spec_stats.num_spec_tokens else None)
 
     # ---- one step ---------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -88,7 +94,11 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self.kv.allocate_slots(req, num_new):
+            num_spec = self._num_spec_tokens(req, num_new, budget)
+            while not self.kv.allocate_slots(req, num_new, num_lookahead_tokens=num_spec):
+                if num_spec:  # drop the drafts before evicting anyone for them
+                    num_spec = 0
+                    continue
                 victim = max(self.running, key=Request.sort_key)
                 if self.running.index(victim) < i:
                     i -= 1
@@ -98,10 +108,19 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                scheduled[req.req_id] = num_new
-                budget -= num_new
+                del req.spec_token_ids[num_spec:]
+                scheduled[req.req_id] = num_new + num_spec
+                budget -= num_new + num_spec
                 i += 1
         return budget
+
+    def _num_spec_tokens(self, req: Request, num_new: int, budget: int) -> int:
+        """Drafted tokens to verify this step: only when the chunk reaches the end of the known
+        tokens, within the budget, and never more than the request may still emit minus one."""
+        if not req.spec_token_ids or req.num_computed_tokens + num_new < req.num_tokens:
+            return 0
+        room = min(req.max_tokens - len(req.output_token_ids), self.max_model_len - req.num_tokens) - 1
+        return max(0, min(len(req.spec_token_ids), budget - num_new, room))
 
     def _schedule_waiting(self, budget: int, scheduled: dict[str, int]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -123,43 +142,63 @@ class Scheduler:
 
     def _build_output(self, scheduled: dict[str, int], preempted: list[str]) -> SchedulerOutput:
         out = SchedulerOutput(preempted_req_ids=preempted)
-        for req_id, num_new in scheduled.items():
+        for req_id, num_scheduled in scheduled.items():
             req = self.requests[req_id]
             start = req.num_computed_tokens
+            spec = req.spec_token_ids if start + num_scheduled > req.num_tokens else []
             out.requests.append(ScheduledRequest(
                 req_id=req_id,
-                token_ids=req.all_token_ids[start:start + num_new],
+                token_ids=req.all_token_ids[start:start + num_scheduled] + spec,
                 start_pos=start,
                 block_ids=req.block_ids,
-                sample=start + num_new == req.num_tokens,
+                sample=start + num_scheduled >= req.num_tokens,
                 sampling_params=req.sampling_params,
                 prompt_token_ids=req.prompt_token_ids,
                 output_token_ids=req.output_token_ids,
                 step_seed=req.step_seed(),
+                spec_token_ids=list(spec),
+                draft_probs=None if not spec or req.draft_probs is None else req.draft_probs[:len(spec)],
+                spec_step_seeds=[req.step_seed(j) for j in range(1, len(spec) + 1)],
             ))
-            out.num_batched_tokens += num_new
+            out.num_batched_tokens += num_scheduled
         return out
 
     def update_from_output(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[Request]:
         """Apply one step's results. Returns the requests that got a token or finished."""
-        sampled = {rid: (tok, lp) for rid, tok, lp in zip(result.req_ids, result.sampled_token_ids, result.logprobs)}
+        sampled = {rid: (toks, lps) for rid, toks, lps in zip(result.req_ids, result.sampled_token_ids,
+                                                               result.logprobs)}
         updated = []
         for sr in sched.requests:
             req = self.requests.get(sr.req_id)
             if req is None:  # finished from outside while the step ran
                 continue
-            req.num_computed_tokens += sr.num_tokens
             if sr.req_id not in sampled:
+                req.num_computed_tokens += sr.num_tokens
                 continue
-            token, logprobs = sampled[sr.req_id]
-            req.append_output_token(token, logprobs)
+            tokens, logprobs = sampled[sr.req_id]
+            num_rejected = len(sr.spec_token_ids) + 1 - len(tokens)
+            # The drafts' KV is computed up to the first rejected one; the rest is rolled back.
+            req.num_computed_tokens += sr.num_tokens - num_rejected
+            req.clear_spec()
+            self.spec_stats.observe(len(sr.spec_token_ids), len(tokens) - 1)
             updated.append(req)
+            self._append_tokens(req, tokens, logprobs)
+            if not req.is_finished and num_rejected:
+                self.kv.rollback(req)
+        return updated
+
+    def _append_tokens(self, req: Request, tokens: list[int], logprobs: list) -> None:
+        """Append a step's new tokens one at a time, stopping at the first that ends the request."""
+        for token, lp in zip(tokens, logprobs):
+            req.append_output_token(token, lp)
+            if req.grammar is not None:
+                req.grammar.accept_tokens([token])  # the step's mask allowed only tokens it accepts
             status, reason = self._check_stop(req, token)
             if status is not None:
                 self.requests.pop(req.req_id)
                 self.running.remove(req)
                 self._finish(req, status, reason)
-        return updated
+                return
 
     # ---- helpers ----------------------------------------------------------------------
     def _check_stop(self, req: Request, token: int) -> tuple[RequestStatus | None, int | None]:
@@ -170,6 +209,8 @@ class Scheduler:
                 return RequestStatus.FINISHED_STOPPED, None
             if token in params.stop_token_ids:
                 return RequestStatus.FINISHED_STOPPED, token
+        if req.grammar is not None and req.grammar.is_terminated():  # the constraint is complete
+            return RequestStatus.FINISHED_STOPPED, None
         if num_out >= req.max_tokens or req.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH, None
         return None, None
@@ -177,6 +218,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.kv.free(req)
+        req.clear_spec()
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1

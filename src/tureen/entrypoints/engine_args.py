@@ -48,11 +48,19 @@ def add_engine_args(parser: argparse.ArgumentParser, *, with_model_positional: b
         if arg_type(f) is None:
             group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
         else:
-            group.add_argument(_flag(f.name), type=arg_type(f), **kwargs)
+            group.add_argument(_flag(f.name), *f.metadata.get("aliases", []), type=arg_type(f), **kwargs)
+    group.add_argument("--speculative-config", dest="speculative_config", default=None, help=(
+        "Speculative decoding as JSON (vLLM's keys): method (ngram | draft_model), num_speculative_tokens, "
+        "prompt_lookup_max, prompt_lookup_min, model (a draft checkpoint, or \"self\"), quantization "
+        "(int8 | int4 | fp8, for the draft), disable_by_batch_size (speculate only up to this many running "
+        "requests; default 16). E.g. '{\"method\": \"ngram\", \"num_speculative_tokens\": 4}'."))
 
 
 def engine_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    return {f.name: getattr(args, f.name) for _, f in engine_fields() if f.name != "model"}
+    kwargs = {f.name: getattr(args, f.name) for _, f in engine_fields() if f.name != "model"}
+    if getattr(args, "speculative_config", None) is not None:
+        kwargs["speculative_config"] = args.speculative_config
+    return kwargs
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

@@ -10,7 +10,7 @@ from typing import Any
 
 from tureen.config import EngineConfig
 from tureen.engine.llm_engine import LLMEngine
-from tureen.errors import InvalidRequestError
+from tureen.errors import EngineStepError, InvalidRequestError
 from tureen.outputs import RequestOutput
 from tureen.sampling_params import RequestOutputKind, SamplingParams
 from tureen.tokenizer import Tokenizer
@@ -52,23 +52,25 @@ class LLM:
         if len(priorities) != len(prompts):
             raise InvalidRequestError("priority must have one entry per prompt", param="priority")
         engine = self.llm_engine
-        tokenized = [engine.tokenize_prompt(p) for p in prompts]
-        for ids, sp in zip(tokenized, params):  # reject bad input before anything runs
-            engine.validate(ids, sp)
-        request_ids = []
-        for prompt, ids, sp, prio in zip(prompts, tokenized, params, priorities):
-            request_ids.append(str(next(self._ids)))
-            final_sp = _final_only(sp)
-            engine.add_request(request_ids[-1], prompt, final_sp, priority=prio, prompt_token_ids=ids)
+        # Validate everything before anything runs: one bad prompt rejects the batch up front.
+        core = [engine.processor.process(str(next(self._ids)), prompt, _final_only(sp), priority=prio)
+                for prompt, sp, prio in zip(prompts, params, priorities)]
+        for sp in params:
+            engine.check_structured_outputs(sp)
+        for req in core:
+            engine.add_core_request(req)
+        request_ids = [req.request_id for req in core]
         return self._run(request_ids, sys.stderr.isatty() if use_tqdm is None else use_tqdm)
 
     def chat(self, messages: list[Message] | list[list[Message]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
-             add_generation_prompt: bool = True, use_tqdm: bool | None = None) -> list[RequestOutput]:
-        """Apply the checkpoint's chat template to each conversation, then generate."""
+             add_generation_prompt: bool = True, use_tqdm: bool | None = None,
+             tools: list[dict[str, Any]] | None = None) -> list[RequestOutput]:
+        """Apply the checkpoint's chat template to each conversation (with ``tools``, as
+        transformers passes them), then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tokenizer = self.get_tokenizer()
-        prompts = [tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt)
+        prompts = [tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, tools=tools)
                    for conv in conversations]
         ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
         outs = self.generate(ids, sampling_params, use_tqdm=use_tqdm)
@@ -91,6 +93,10 @@ class LLM:
         with _progress(progress, len(request_ids)) as advance:
             while engine.has_unfinished_requests():
                 for out in engine.step():
+                    if out.error is not None:
+                        engine.abort_all()
+                        engine.step()
+                        raise EngineStepError(out.error)
                     if out.finished:
                         done[out.request_id] = out
                         advance(sum(len(c.token_ids) for c in out.outputs))

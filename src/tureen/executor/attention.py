@@ -25,6 +25,17 @@ offset by its start position.
 On CPU in float32 the decode rows instead go, all at once, to the native kernel of
 ``cpu_kernels.py``, which reads K/V in place through the block tables (one group, no gather).
 
+Quantized KV cache (``kv_cache_dtype`` fp8 / fp8_e4m3 / int8): a ``QuantizedKVCache`` per layer,
+``data`` laid out as above in float8_e4m3fn or int8, plus ``scales`` (2, num_blocks, block_size,
+num_kv_heads) float32: one scale per token, KV head and K/V, set when the token is written::
+
+    s = max|x| / QMAX (448 for e4m3, 127 for int8; 1 when x is all zero)
+    q = (x / s) rounded to e4m3, or round-half-even(x / s) clamped to [-127, 127]
+    x ~ q * s
+
+Readers dequantize the gathered blocks to the activation dtype (the native kernels read them in
+place). A prefill chunk that starts at position 0 attends to its own fresh K/V, as unquantized.
+
 Invariant: every layer first writes the step's K/V for ALL tokens into the cache and only then
 reads context from the cache, so a request whose prefix-cache hit covers blocks being written in
 this same step by another request reads the right values.
@@ -51,21 +62,63 @@ MIN_DECODE_GROUP = 8
 
 
 class Workspace:
-    """A grow-only scratch buffer for gathered K/V, reused by every layer and every step.
+    """Grow-only scratch buffers for gathered K/V, reused by every layer and every step.
 
     Gathering into a fresh multi-MiB tensor each layer costs page faults that dominate the copy
-    itself on CPU; one reused buffer avoids them.
+    itself on CPU; reused buffers avoid them. ``slot`` names independent buffers (a quantized
+    cache gathers its raw blocks into one and dequantizes them into another).
     """
 
     def __init__(self) -> None:
-        self._buf: Tensor | None = None
+        self._bufs: dict[str, Tensor] = {}
 
-    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, slot: str = "kv") -> Tensor:
         numel = math.prod(shape)
-        buf = self._buf
+        buf = self._bufs.get(slot)
         if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
-            buf = self._buf = torch.empty(numel, dtype=dtype, device=device)
+            buf = self._bufs[slot] = torch.empty(numel, dtype=dtype, device=device)
         return buf[:numel].view(shape)
+
+
+KV_CACHE_TORCH_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "int8": torch.int8}
+_QMAX = {torch.float8_e4m3fn: 448.0, torch.int8: 127.0}
+KV_SCALE_BYTES = 4  # one float32 scale per token, KV head and K/V
+
+
+@dataclass(frozen=True)
+class QuantizedKVCache:
+    """One layer's quantized KV cache (layout in the module docstring)."""
+
+    data: Tensor  # (2, num_blocks, block_size, Hkv, D) float8_e4m3fn or int8
+    scales: Tensor  # (2, num_blocks, block_size, Hkv) float32
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    def bytes(self) -> Tensor:
+        """``data`` viewed as uint8 (copies and gathers of float8 go through bytes on CPU)."""
+        return self.data.view(torch.uint8)
+
+    @classmethod
+    def zeros(cls, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+              device: torch.device) -> "QuantizedKVCache":
+        return cls(torch.zeros(2, num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device),
+                   torch.ones(2, num_blocks, block_size, kv_heads, dtype=torch.float32, device=device))
+
+
+KVCache = Tensor | QuantizedKVCache  # one layer's cache
+
+
+def quantize_kv(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(T, Hkv, D) -> values (T, Hkv, D) in ``dtype`` and scales (T, Hkv) float32."""
+    xf = x.float()
+    s = xf.abs().amax(dim=-1) / _QMAX[dtype]  # (T, Hkv)
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    q = xf / s[..., None]
+    if dtype == torch.int8:
+        q = torch.round(q).clamp_(-127, 127)
+    return q.to(dtype), s
 
 
 @dataclass
@@ -207,25 +260,45 @@ def _prefix_blocks(table: list[int], context_len: int, block_size: int, device: 
 # ----------------------------------------------------------------------------------------------
 
 
-def write_kv(kv_cache: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:
+def write_kv(kv_cache: KVCache, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:
     """k, v: (T, Hkv, D) into their slots of kv_cache (2, num_blocks, block_size, Hkv, D)."""
     _, _, _, hkv, d = kv_cache.shape
+    if isinstance(kv_cache, QuantizedKVCache):
+        for i, x in enumerate((k, v)):
+            q, s = quantize_kv(x, kv_cache.data.dtype)
+            # as bytes: index_copy_ has no float8 kernel on CPU
+            kv_cache.bytes()[i].view(-1, hkv, d).index_copy_(0, slot_mapping, q.view(torch.uint8))
+            kv_cache.scales[i].view(-1, hkv).index_copy_(0, slot_mapping, s)  # (num_slots, Hkv)
+        return
     kv_cache[0].view(-1, hkv, d).index_copy_(0, slot_mapping, k)  # (num_slots, Hkv, D)
     kv_cache[1].view(-1, hkv, d).index_copy_(0, slot_mapping, v)
 
 
-def paged_attention(q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, meta: AttentionMetadata,
+def _native_kv(ops: CpuOps | None, kv_cache: KVCache, name: str):
+    """The native op for this cache (``name`` or its ``_quant`` twin), or None for the torch path."""
+    if ops is None:
+        return None
+    return getattr(ops, name + "_quant", None) if isinstance(kv_cache, QuantizedKVCache) else getattr(ops, name)
+
+
+def _cache_args(kv_cache: KVCache) -> tuple[Tensor, ...]:
+    return (kv_cache.data, kv_cache.scales) if isinstance(kv_cache, QuantizedKVCache) else (kv_cache,)
+
+
+def paged_attention(q: Tensor, k: Tensor, v: Tensor, kv_cache: KVCache, meta: AttentionMetadata,
                     window: int | None) -> Tensor:
     """q: (T, H, D); k, v: (T, Hkv, D) of this step -> attention output (T, H, D)."""
-    if meta.cpu_ops is not None:
-        meta.cpu_ops.write_kv(kv_cache, k, v, meta.slot_mapping)
+    native_write = _native_kv(meta.cpu_ops, kv_cache, "write_kv")
+    if native_write is not None:
+        native_write(*_cache_args(kv_cache), k, v, meta.slot_mapping)
     else:
         write_kv(kv_cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
+    native_decode = _native_kv(meta.cpu_ops, kv_cache, "paged_decode")
     for g in meta.decode_groups:
-        if meta.cpu_ops is not None:
-            meta.cpu_ops.paged_decode(q[g.start:g.end], kv_cache, g.block_table.view(g.end - g.start, g.max_blocks),
-                                      g.context_lens, out[g.start:g.end], window, q.shape[-1] ** -0.5)
+        if native_decode is not None:
+            native_decode(q[g.start:g.end], *_cache_args(kv_cache), g.block_table.view(g.end - g.start, g.max_blocks),
+                          g.context_lens, out[g.start:g.end], window, q.shape[-1] ** -0.5)
         else:
             out[g.start:g.end] = _decode_attention(q[g.start:g.end], kv_cache, g, window, meta)
     for p in meta.prefills:
@@ -234,20 +307,36 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, meta: Att
     return out
 
 
-def _gather_blocks(kv_cache: Tensor, block_ids: Tensor, workspace: Workspace) -> Tensor:
-    """-> (2, len(block_ids) * block_size, Hkv, D): the blocks' keys and values, in table order."""
+def _gather_blocks(kv_cache: KVCache, block_ids: Tensor, workspace: Workspace,
+                   dtype: torch.dtype) -> Tensor:
+    """-> (2, len(block_ids) * block_size, Hkv, D) in ``dtype``: the blocks' keys and values, in table order."""
     _, _, bs, hkv, d = kv_cache.shape
-    kv = workspace.take((2, block_ids.numel(), bs, hkv, d), kv_cache.dtype, kv_cache.device)
-    torch.index_select(kv_cache[0], 0, block_ids, out=kv[0])
-    torch.index_select(kv_cache[1], 0, block_ids, out=kv[1])
-    return kv.view(2, -1, hkv, d)  # (2, blocks * block_size, Hkv, D)
+    n = block_ids.numel()
+    if not isinstance(kv_cache, QuantizedKVCache):
+        kv = workspace.take((2, n, bs, hkv, d), kv_cache.dtype, kv_cache.device)
+        torch.index_select(kv_cache[0], 0, block_ids, out=kv[0])
+        torch.index_select(kv_cache[1], 0, block_ids, out=kv[1])
+        return kv.view(2, -1, hkv, d)  # (2, blocks * block_size, Hkv, D)
+    raw = workspace.take((2, n, bs, hkv, d), torch.uint8, kv_cache.data.device, slot="raw")
+    scales = workspace.take((2, n, bs, hkv), torch.float32, kv_cache.data.device, slot="scales")
+    kv = workspace.take((2, n, bs, hkv, d), dtype, kv_cache.data.device)
+    data = kv_cache.bytes()
+    for i in range(2):
+        torch.index_select(data[i], 0, block_ids, out=raw[i])
+        torch.index_select(kv_cache.scales[i], 0, block_ids, out=scales[i])
+    values = raw.view(kv_cache.data.dtype).to(torch.float32)  # e4m3 / int8 -> float32 is exact
+    if dtype == torch.float32:
+        torch.mul(values, scales[..., None], out=kv)
+    else:
+        kv.copy_(values * scales[..., None])
+    return kv.view(2, -1, hkv, d)
 
 
-def _decode_attention(q: Tensor, kv_cache: Tensor, g: DecodeGroup, window: int | None,
+def _decode_attention(q: Tensor, kv_cache: KVCache, g: DecodeGroup, window: int | None,
                       meta: AttentionMetadata) -> Tensor:
     n, h, d = q.shape
     hkv = kv_cache.shape[3]
-    kv = _gather_blocks(kv_cache, g.block_table, meta.workspace).view(2, n, -1, hkv, d)  # (2, n, S, Hkv, D)
+    kv = _gather_blocks(kv_cache, g.block_table, meta.workspace, q.dtype).view(2, n, -1, hkv, d)  # (2, n, S, Hkv, D)
     keys, values = kv[0].transpose(1, 2), kv[1].transpose(1, 2)  # (n, Hkv, S, D)
     # GQA without copies: the query heads sharing one kv head become query rows of that head.
     qg = q.view(n, hkv, h // hkv, d)  # (n, Hkv, G, D)
@@ -255,13 +344,13 @@ def _decode_attention(q: Tensor, kv_cache: Tensor, g: DecodeGroup, window: int |
     return out.view(n, h, d)  # (n, Hkv, G, D) -> (n, H, D)
 
 
-def _prefill_attention(q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, p: PrefillSeq, window: int | None,
-                       workspace: Workspace) -> Tensor:
+def _prefill_attention(q: Tensor, k: Tensor, v: Tensor, kv_cache: KVCache, p: PrefillSeq,
+                       window: int | None, workspace: Workspace) -> Tensor:
     h, hkv = q.shape[1], k.shape[1]
     if p.block_ids is None:  # context is exactly this step's chunk, identical to what was just written
         keys, values = k, v  # (q, Hkv, D)
     else:
-        kv = _gather_blocks(kv_cache, p.block_ids, workspace)
+        kv = _gather_blocks(kv_cache, p.block_ids, workspace, q.dtype)
         keys, values = kv[0, :p.context_len], kv[1, :p.context_len]  # (context, Hkv, D)
     mask = p.mask(window)
     out = F.scaled_dot_product_attention(

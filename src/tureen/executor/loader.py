@@ -20,13 +20,19 @@ from safetensors import safe_open
 from torch import nn
 
 from tureen.errors import ModelLoadError
+from tureen.executor.models.layers import LinearLayer, checkpoint_module_names
 from tureen.executor.models.registry import model_module
+from tureen.executor.quantization.base import LinearMethodFactory
+from tureen.executor.quantization.unquantized import FloatWeightsMethod
 
 logger = logging.getLogger("tureen.executor")
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Static KV-cache scales of fp8-KV checkpoints (llm-compressor kv_cache_scheme, vLLM fp8): tureen's
+# quantized KV cache sets its own scale per token and head when it writes, so these are unused.
+_KV_SCALE_SUFFIXES = (".k_scale", ".v_scale", ".kv_scale", ".q_scale", ".prob_scale")
 
 
 def resolve_checkpoint(model: str, revision: str | None = None) -> Path:
@@ -82,13 +88,25 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
-def load_model(path: Path, hf_config: dict[str, Any], device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Build the family's model on ``device`` in ``dtype`` and fill it from the checkpoint."""
+def model_args(hf_config: dict[str, Any]) -> Any:
+    """The family's typed args for ``config.json`` (what ``load_model`` builds the model from)."""
+    return model_module(hf_config).ModelArgs.from_dict(hf_config)
+
+
+def load_model(path: Path, hf_config: dict[str, Any], device: torch.device, dtype: torch.dtype,
+               linear: LinearMethodFactory | None = None) -> nn.Module:
+    """Build the family's model on ``device`` in ``dtype``, give each linear layer its method from
+    ``linear`` (default: ``F.linear`` on float weights), fill it from the checkpoint and let every
+    method process its weights once."""
     module = model_module(hf_config)
     args = module.ModelArgs.from_dict(hf_config)
     with torch.device(device), _default_dtype(dtype):
         model = module.Model(args)
+        if linear is not None:
+            model.set_linear_methods(linear)
     load_weights(model, path)
+    with torch.device(device):
+        model.process_weights_after_loading()
     return model.eval()
 
 
@@ -118,51 +136,80 @@ def _target(name: str, mapping: dict[str, tuple[str, Any]]) -> tuple[str, Any]:
     return name, None
 
 
-def _expected_names(model: nn.Module, mapping: dict[str, tuple[str, Any]]) -> set[str]:
-    """Every checkpoint tensor name the model needs (fused parameters expanded to their shards)."""
-    fused = {}
-    for fragment, (target, _) in mapping.items():
-        fused.setdefault(target, []).append(fragment)
-    expected = set()
+def _expected_names(model: nn.Module, mapping: dict[str, tuple[str, Any]]) -> tuple[set[str], set[str]]:
+    """(required, optional) checkpoint tensor names: linear layers ask their method (fused layers
+    expanded to their shards); every other parameter is required under its own name."""
+    required, optional = set(), set()
+    linear_names = set()
+    for name, layer in model.linear_layers():
+        need, may = layer.method.tensor_names(layer)
+        for prefix in checkpoint_module_names(name, mapping):
+            required.update(f"{prefix}.{t}" for t in need)
+            optional.update(f"{prefix}.{t}" for t in may)
+        linear_names.update(f"{name}.{p}" for p, _ in layer.named_parameters(recurse=False))
     for pname, _ in model.named_parameters(remove_duplicate=False):
-        hit = next((t for t in fused if f".{t}." in pname), None)
-        expected.update([pname.replace(f".{hit}.", f".{f}.") for f in fused[hit]] if hit else [pname])
-    return expected
+        if pname not in linear_names:
+            required.add(pname)
+    return required, optional
+
+
+def _lm_head_is_tied(model: nn.Module, present: set[str]) -> bool:
+    """Tied when the config says so (some tied checkpoints still store the matrix) or when the
+    checkpoint has no LM head at all. A quantized LM head is never tied."""
+    has_head = any(n.startswith("lm_head.") for n in present)
+    float_head = isinstance(model.lm_head.method, FloatWeightsMethod)
+    if not has_head and not float_head:
+        raise ModelLoadError("the checkpoint has no lm_head tensors, but its quantization config quantizes "
+                             "the LM head")
+    return float_head and (model.args.tie_word_embeddings or not has_head)
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
     """Copy every tensor of the checkpoint into the model; missing or unknown tensors are errors."""
     files = _weight_files(path)
     mapping = getattr(model, "packed_modules_mapping", {})
-    names_by_file = {}
+    names_by_file, kv_scales = {}, 0
     for f in files:
         with safe_open(f, framework="pt") as sf:
-            names_by_file[f] = [n for n in sf.keys() if not n.endswith(_IGNORED_SUFFIXES)]
+            names = [n for n in sf.keys() if not n.endswith(_IGNORED_SUFFIXES)]
+        names_by_file[f] = [n for n in names if not n.endswith(_KV_SCALE_SUFFIXES)]
+        kv_scales += len(names) - len(names_by_file[f])
+    if kv_scales:
+        logger.info("ignoring %d static KV-cache scale tensors of the checkpoint (a quantized KV cache sets its "
+                    "own scale per token and head)", kv_scales)
     present = {n for names in names_by_file.values() for n in names}
-    tied = model.args.tie_word_embeddings or "lm_head.weight" not in present
+    tied = _lm_head_is_tied(model, present)
     if tied:
         model.tie_weights()
+    required, optional = _expected_names(model, mapping)
+    if tied:
+        required -= {"lm_head.weight"}
+    modules = dict(model.named_modules())
     params = dict(model.named_parameters(remove_duplicate=False))
-    expected = _expected_names(model, mapping) - ({"lm_head.weight"} if tied else set())
     for f, names in names_by_file.items():
         with safe_open(f, framework="pt") as sf:
             for name in names:
-                if name == "lm_head.weight" and tied:
+                if name.startswith("lm_head.") and tied:
                     continue  # some tied checkpoints store the shared matrix twice
-                if name not in expected:
+                if name not in required and name not in optional:
                     raise ModelLoadError(f"checkpoint tensor {name!r} ({f.name}) does not belong to the model")
-                _load_tensor(params, name, sf.get_tensor(name), mapping)
-    missing = sorted(expected - present)
+                _load_tensor(modules, params, name, sf.get_tensor(name), mapping)
+    missing = sorted(required - present)
     if missing:
         raise ModelLoadError(f"checkpoint {path} is missing tensor(s): {', '.join(missing[:8])}"
                              + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
 
 
-def _load_tensor(params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor,
+def _load_tensor(modules: dict[str, nn.Module], params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor,
                  mapping: dict[str, tuple[str, Any]]) -> None:
     pname, shard_id = _target(name, mapping)
-    param = params[pname]
+    module_name, _, tensor_name = pname.rpartition(".")
+    layer = modules.get(module_name)
     try:
-        param.weight_loader(param, tensor, shard_id)
+        if isinstance(layer, LinearLayer):
+            layer.load_tensor(shard_id, tensor_name, tensor)
+        else:
+            param = params[pname]
+            param.weight_loader(param, tensor, shard_id)
     except ModelLoadError as e:
         raise ModelLoadError(f"tensor {name!r}: {e}") from e

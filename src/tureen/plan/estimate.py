@@ -10,8 +10,8 @@ from tureen.config import CacheConfig, SchedulerConfig
 from tureen.errors import ConfigError
 from tureen.plan.arch import SUPPORTED_MODEL_TYPES, ModelArch, ParamCount, count_params
 from tureen.plan.cost import CostInputs, plan_cost
-from tureen.plan.gpus import DEFAULT_GPU, GpuSpec, find_gpu
-from tureen.plan.memory import (DTYPE_BYTES, GB, MemoryInputs, MemoryPlan, plan_memory,
+from tureen.plan.gpus import DEFAULT_GPU, GpuSpec, find_gpu, gpu_memory_bytes
+from tureen.plan.memory import (DTYPE_BYTES, GB, KV_SCALE_BYTES, MemoryInputs, MemoryPlan, plan_memory,
                                 valid_tensor_parallel, weight_bytes)
 from tureen.plan.options import PlanOptions, average_lengths
 from tureen.plan.source import load_arch
@@ -25,13 +25,16 @@ _ENGINE_MAX_NUM_SEQS = SchedulerConfig().max_num_seqs
 @dataclass
 class PlanEstimate:
     """Every figure of a plan. ``*_per_gpu`` are per GPU; the others are for the whole replica.
-    Speed and cost figures are None on CPU and when the model does not fit."""
+    Speed and cost figures are None on CPU and when not even one sequence of average length fits;
+    when the model fits at average length but not at max_model_len they are shown, with a note."""
 
     model: str
     model_type: str
     device: str  # "cuda" or "cpu"
     gpu: str | None
     num_gpus: int
+    memory_basis: str | None  # "reported" or "nominal"; None on CPU
+    gpu_memory_bytes_per_gpu: int | None  # the GPU's total under memory_basis
     dtype: str
     weight_quant: str
     kv_cache_dtype: str
@@ -138,10 +141,12 @@ def _memory_inputs(r: _Resolved, opts: PlanOptions, num_gpus: int) -> MemoryInpu
         weight_bytes=weight_bytes(r.params, r.count, dtype_bytes, opts.weight_quant, opts.quant_group_size),
         num_gpus=num_gpus,
         kv_element_bytes=dtype_bytes if opts.kv_cache_dtype == "auto" else 1,
+        kv_scale_bytes=0 if opts.kv_cache_dtype == "auto" else KV_SCALE_BYTES,
         max_model_len=r.max_model_len,
         avg_context=r.avg_prompt_len + r.avg_output_len,
         block_size=opts.block_size,
-        usable_bytes_per_gpu=None if r.gpu is None else int(r.gpu.memory_bytes * opts.gpu_memory_utilization),
+        usable_bytes_per_gpu=None if r.gpu is None else int(
+            gpu_memory_bytes(r.gpu, opts.memory_basis) * opts.gpu_memory_utilization),
         overhead_bytes=0 if r.gpu is None else round(opts.overhead_gb * GB),
         fixed_kv_budget=r.kv_budget,
     )
@@ -175,10 +180,12 @@ def _choose_num_gpus(r: _Resolved, opts: PlanOptions, min_gpus: int | None, note
 
 def _choose_batch(opts: PlanOptions, memory: MemoryPlan, notes: list[str]) -> int:
     wanted = opts.batch_size or _ENGINE_MAX_NUM_SEQS
-    if opts.batch_size is not None and wanted > memory.max_concurrent_sequences_avg:
-        notes.append(f"batch size {wanted} capped at {memory.max_concurrent_sequences_avg}: "
-                     f"the KV budget holds that many sequences of average length")
-    return max(1, min(wanted, memory.max_concurrent_sequences_avg))
+    held = memory.max_concurrent_sequences_avg
+    if wanted > held:
+        asked = "batch size" if opts.batch_size is not None else "the engine's max_num_seqs"
+        notes.append(f"{asked} {wanted} capped at {held}: the KV budget holds that many sequences of "
+                     f"average length, so the speed and cost figures assume {held} at a time")
+    return max(1, min(wanted, held))
 
 
 def _speed_inputs(r: _Resolved, opts: PlanOptions, memory: MemoryPlan, n: int, batch: int) -> SpeedInputs:
@@ -212,15 +219,40 @@ def _notes(r: _Resolved, opts: PlanOptions, memory: MemoryPlan) -> list[str]:
         notes.append(f"{r.gpu.name} has no FP8 tensor cores: compute ceiling uses bf16 TFLOPS")
     if not memory.weights_fit:
         notes.append("the weights and overhead do not fit in the usable GPU memory")
+    elif not memory.fits and memory.max_concurrent_sequences_avg >= 1:
+        notes.append(f"no room for one sequence of max_model_len={r.max_model_len:,} tokens in the KV budget; "
+                     f"{memory.max_concurrent_sequences_avg} of average length "
+                     f"({r.avg_prompt_len + r.avg_output_len:,} tokens) fit, and the speed and cost figures "
+                     f"assume those: lower --max-model-len to serve it as planned")
     elif not memory.fits:
-        notes.append(f"no room for one sequence of max_model_len={r.max_model_len} tokens in the KV budget")
+        notes.append(f"no room for one sequence of max_model_len={r.max_model_len:,} tokens in the KV budget")
+    if r.gpu is not None:
+        notes.append(_basis_note(r.gpu, opts))
     return notes
+
+
+def _basis_note(gpu: GpuSpec, opts: PlanOptions) -> str:
+    reported = f"{gpu.memory_mib:,} MiB as the device reports it ({gpu.reported_memory_bytes / GB:.2f} GB)"
+    nominal = f"the spec sheet's {gpu.nominal_gb:g} GB"
+    if opts.memory_basis == "reported":
+        return (f"GPU memory: {reported} per {gpu.name}, x {opts.gpu_memory_utilization:g} utilization; "
+                f"--memory-basis nominal plans from {nominal}")
+    return (f"GPU memory: {nominal} per {gpu.name} (--memory-basis nominal), x "
+            f"{opts.gpu_memory_utilization:g} utilization; the device reports {reported}")
+
+
+def _serves_something(r: _Resolved, memory: MemoryPlan) -> bool:
+    """Speed and cost are meaningful once one average-length sequence fits, even if max_model_len doesn't."""
+    return r.gpu is not None and memory.weights_fit and memory.max_concurrent_sequences_avg >= 1
 
 
 def _header(r: _Resolved, opts: PlanOptions, n: int) -> dict[str, Any]:
     return {
         "model": r.arch.name, "model_type": r.arch.model_type, "device": "cpu" if r.gpu is None else "cuda",
-        "gpu": None if r.gpu is None else r.gpu.name, "num_gpus": n, "dtype": r.dtype,
+        "gpu": None if r.gpu is None else r.gpu.name, "num_gpus": n,
+        "memory_basis": None if r.gpu is None else opts.memory_basis,
+        "gpu_memory_bytes_per_gpu": None if r.gpu is None else gpu_memory_bytes(r.gpu, opts.memory_basis),
+        "dtype": r.dtype,
         "weight_quant": opts.weight_quant, "kv_cache_dtype": opts.kv_cache_dtype,
         "max_model_len": r.max_model_len, "avg_prompt_len": r.avg_prompt_len,
         "avg_output_len": r.avg_output_len, "block_size": opts.block_size,
@@ -244,7 +276,7 @@ def estimate(model: str | os.PathLike | ModelArch, options: PlanOptions | None =
     memory = plan_memory(_memory_inputs(r, opts, n))
     result = PlanEstimate(**_header(r, opts, n), **asdict(memory), min_gpus=min_gpus,
                           notes=_notes(r, opts, memory) + extra_notes)
-    if r.gpu is None or not memory.fits:
+    if not _serves_something(r, memory):
         return result
     speed = plan_speed(_speed_inputs(r, opts, memory, n, _choose_batch(opts, memory, result.notes)))
     cost = plan_cost(_cost_inputs(r, opts, speed, n))

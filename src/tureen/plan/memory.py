@@ -3,7 +3,7 @@
 The KV formulas are the engine's (see the brief's "Engine KV sizing"), so that for the same
 model, budget and block size the planner and ``tureen serve`` report the same numbers:
 
-    kv_bytes_per_token = 2 (K and V) x layers x kv_heads x head_dim x element_bytes
+    kv_bytes_per_token = 2 (K and V) x layers x kv_heads x (head_dim x element_bytes + scale_bytes)
     num_kv_blocks      = kv_budget // (block_size x kv_bytes_per_token)
     max_concurrency    = num_kv_blocks // ceil(seq_len / block_size)
 
@@ -45,9 +45,12 @@ def kv_heads_per_gpu(arch: ModelArch, num_gpus: int) -> int:
     return max(1, arch.num_key_value_heads // num_gpus)
 
 
-def kv_bytes_per_token(arch: ModelArch, kv_heads: int, element_bytes: int) -> int:
-    """2 (K and V) x layers x kv_heads x head_dim x bytes per element."""
-    return 2 * arch.num_hidden_layers * kv_heads * arch.head_dim * element_bytes
+KV_SCALE_BYTES = 4  # a quantized KV cache (fp8 / int8) keeps one float32 scale per token, head and K/V
+
+
+def kv_bytes_per_token(arch: ModelArch, kv_heads: int, element_bytes: int, scale_bytes: int = 0) -> int:
+    """2 (K and V) x layers x kv_heads x (head_dim x bytes per element + bytes of its scale)."""
+    return 2 * arch.num_hidden_layers * kv_heads * (arch.head_dim * element_bytes + scale_bytes)
 
 
 def blocks_per_sequence(seq_len: int, block_size: int) -> int:
@@ -83,6 +86,7 @@ class MemoryInputs:
     usable_bytes_per_gpu: int | None  # memory x gpu_memory_utilization
     overhead_bytes: int
     fixed_kv_budget: int | None  # --kv-cache-memory
+    kv_scale_bytes: int = 0  # per token, head and K/V: KV_SCALE_BYTES for a quantized cache
 
 
 @dataclass(frozen=True)
@@ -120,8 +124,8 @@ def _weights_fit(m: MemoryInputs, weights_per_gpu: int, kv_budget_per_gpu: int) 
 def plan_memory(m: MemoryInputs) -> MemoryPlan:
     n = m.num_gpus
     weights_per_gpu = math.ceil(m.weight_bytes / n)
-    per_token = kv_bytes_per_token(m.arch, m.arch.num_key_value_heads, m.kv_element_bytes)
-    per_token_gpu = kv_bytes_per_token(m.arch, kv_heads_per_gpu(m.arch, n), m.kv_element_bytes)
+    per_token = kv_bytes_per_token(m.arch, m.arch.num_key_value_heads, m.kv_element_bytes, m.kv_scale_bytes)
+    per_token_gpu = kv_bytes_per_token(m.arch, kv_heads_per_gpu(m.arch, n), m.kv_element_bytes, m.kv_scale_bytes)
     budget_gpu = _kv_budget_per_gpu(m, weights_per_gpu)
     blocks = num_kv_blocks(budget_gpu, m.block_size, per_token_gpu)
     weights_fit = _weights_fit(m, weights_per_gpu, budget_gpu)

@@ -11,7 +11,8 @@ from tureen.errors import ConfigError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 WEIGHT_QUANTS = ("none", "int8", "fp8", "int4")
-KV_CACHE_DTYPES = ("auto", "fp8", "int8")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "int8")
+MEMORY_BASES = ("reported", "nominal")
 DEFAULT_PROMPT_LEN = 512
 DEFAULT_OUTPUT_LEN = 256
 
@@ -55,7 +56,8 @@ class PlanOptions:
     quant_group_size: int = field(default=128, metadata=_opt(
         "Weights sharing one int4 scale (GPTQ/AWQ group size).", type=int, metavar="N"))
     kv_cache_dtype: str = field(default="auto", metadata=_opt(
-        "KV-cache element type: auto (the dtype), fp8 or int8 (1 byte).", choices=KV_CACHE_DTYPES))
+        "KV-cache element type: auto (the dtype), fp8 / fp8_e4m3 or int8 (1 byte, plus the engine's "
+        "4-byte scale per token, head and K/V).", choices=KV_CACHE_DTYPES))
     max_model_len: int | None = field(default=None, metadata=_opt(
         "Longest sequence (prompt + output) in tokens; one sequence of this length must fit. "
         "Default: the config's max_position_embeddings, as the engine does.", type=int, metavar="TOKENS"))
@@ -66,8 +68,14 @@ class PlanOptions:
         f"Average output length in tokens. Default: {DEFAULT_OUTPUT_LEN}, shrunk to fit a shorter "
         f"max_model_len.", type=int, metavar="TOKENS"))
     gpu_memory_utilization: float = field(default=0.9, metadata=_opt(
-        "Fraction of each GPU's memory the server may use (weights + overhead + KV cache).",
+        "Fraction of each GPU's memory the server may use (weights + overhead + KV cache), applied "
+        "to the total of --memory-basis, as vLLM applies it to the device's total.",
         type=float, metavar="FRACTION"))
+    memory_basis: str = field(default="reported", metadata=_opt(
+        "Which GPU memory total to plan from: reported (what the device reports, as nvidia-smi "
+        "prints it in MiB; what vLLM and tureen apply --gpu-memory-utilization to) or nominal (the "
+        "spec sheet's decimal GB, e.g. 80 GB for an H100, as the sizing guides' worked examples use).",
+        choices=MEMORY_BASES))
     overhead_gb: float = field(default=2.0, metadata=_opt(
         "Per-GPU memory for activations, CUDA context and framework buffers, in GB (10^9 bytes).",
         type=float, metavar="GB"))
@@ -111,7 +119,8 @@ class PlanOptions:
         self._check_ranges()
 
     def _check_choices(self) -> None:
-        for name, allowed in (("dtype", DTYPES), ("weight_quant", WEIGHT_QUANTS), ("kv_cache_dtype", KV_CACHE_DTYPES)):
+        for name, allowed in (("dtype", DTYPES), ("weight_quant", WEIGHT_QUANTS), ("kv_cache_dtype", KV_CACHE_DTYPES),
+                              ("memory_basis", MEMORY_BASES)):
             value = getattr(self, name)
             _check(value in allowed, f"{name} must be one of {', '.join(allowed)}, got {value!r}")
 

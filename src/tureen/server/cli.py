@@ -59,6 +59,9 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
 def configure_logging(level: str) -> None:
     numeric = TRACE if level == "trace" else getattr(logging, level.upper())
     logging.basicConfig(level=numeric, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    from tureen.server import log_filter
+
+    log_filter.install()
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -22,7 +22,9 @@ from tureen.errors import (
     ContextLengthExceededError,
     EngineDeadError,
     EngineOverloadedError,
+    EngineStepError,
     InvalidRequestError,
+    KVCacheTooSmallError,
     PromptTooLongError,
 )
 from tureen.server.protocol import ErrorInfo, ErrorResponse
@@ -35,17 +37,19 @@ UNAVAILABLE = "service_unavailable_error"
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = INVALID_REQUEST, *, param: str | None = None,
-                 code: str | None = None, retry_after: float | None = None) -> None:
+                 code: str | None = None, retry_after: float | None = None,
+                 extra_headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type = status, message, type
         self.param, self.code, self.retry_after = param, code, retry_after
+        self.extra_headers = dict(extra_headers or {})
 
     def body(self) -> dict[str, Any]:
         info = ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)
         return ErrorResponse(error=info).model_dump()
 
     def headers(self) -> dict[str, str]:
-        headers = {}
+        headers = dict(self.extra_headers)
         if self.retry_after is not None:
             headers["Retry-After"] = str(max(1, math.ceil(self.retry_after)))  # integer seconds (RFC 9110)
         if self.status == 401:
@@ -75,14 +79,18 @@ def to_api_error(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, ContextLengthExceededError):
         return APIError(400, _context_message(exc), param=exc.param, code="context_length_exceeded")
-    if isinstance(exc, PromptTooLongError):
+    if isinstance(exc, KVCacheTooSmallError):
         return APIError(400, str(exc), param=exc.param, code="context_length_exceeded")
+    if isinstance(exc, PromptTooLongError):
+        return APIError(400, _prompt_message(exc), param=exc.param, code="context_length_exceeded")
     if isinstance(exc, (InvalidRequestError, ConfigError)):
         return APIError(400, str(exc), param=getattr(exc, "param", None))
     if isinstance(exc, EngineOverloadedError):
         return APIError(503, str(exc), UNAVAILABLE, code=exc.reason, retry_after=exc.retry_after)
     if isinstance(exc, EngineDeadError):
         return APIError(503, str(exc), UNAVAILABLE, code="engine_dead", retry_after=30)
+    if isinstance(exc, EngineStepError):  # the engine failed this request; the server and others go on
+        return APIError(500, str(exc), "internal_server_error", code="engine_error")
     logger.error("internal error", exc_info=exc)
     return APIError(500, f"internal server error: {type(exc).__name__}", "internal_server_error")
 
@@ -92,6 +100,12 @@ def _context_message(exc: ContextLengthExceededError) -> str:
     return (f"This model's maximum context length is {exc.limit} tokens, but the request needs {total} tokens: "
             f"{exc.prompt_tokens} in the prompt plus {exc.max_tokens} for the completion (max_tokens). Shorten "
             f"the prompt or lower max_tokens.")
+
+
+def _prompt_message(exc: PromptTooLongError) -> str:
+    return (f"This model's maximum context length is {exc.limit} tokens, but the prompt alone has {exc.value} "
+            f"tokens, which leaves no room for the completion (the prompt plus at least one generated token must "
+            f"fit). Shorten the prompt.")
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
@@ -119,7 +133,10 @@ def install_error_handlers(app: FastAPI) -> None:
         message = str(exc.detail)
         if exc.status_code == 413:
             message = "The request body is larger than the server's --max-request-body-bytes limit."
-        return APIError(exc.status_code, message, code=code).response()
+        if exc.status_code == 405:
+            message = f"Method {request.method} is not allowed on {request.url.path}."
+        # Starlette puts the route's methods in ``Allow`` on a 405 (RFC 9110 requires it): keep them.
+        return APIError(exc.status_code, message, code=code, extra_headers=exc.headers).response()
 
     for kind in (APIError, InvalidRequestError, ConfigError, EngineOverloadedError, EngineDeadError):
         app.add_exception_handler(kind, on_api_error)

@@ -21,7 +21,7 @@ from tureen.server.metrics import ServerMetrics
 from tureen.server.tracking import RequestTracker
 
 if TYPE_CHECKING:
-    from tureen.engine.async_llm import AsyncLLM
+    from tureen.engine.protocol import EngineClient
 
 logger = logging.getLogger("tureen.server")
 
@@ -42,18 +42,21 @@ class ServerState:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.phase = Phase.STARTING
-        self.engine: AsyncLLM | None = None
+        self.engine: EngineClient | None = None
         self.metrics: ServerMetrics | None = None
         self.token_strings: TokenStrings | None = None
+        self.max_prompt_chars = 0
         self.inflight: dict[str, RequestTracker] = {}
         self._idle = asyncio.Event()
         self._idle.set()
         self._drain_deadline: float | None = None
 
     # ---- startup ---------------------------------------------------------------------------
-    def set_ready(self, engine: AsyncLLM, metrics: ServerMetrics) -> None:
+    def set_ready(self, engine: EngineClient, metrics: ServerMetrics) -> None:
         self.engine, self.metrics = engine, metrics
         self.token_strings = TokenStrings(engine.tokenizer)
+        # No text longer than this can fit in max_model_len tokens: rejected before tokenizing it.
+        self.max_prompt_chars = engine.max_model_len * engine.tokenizer.max_token_chars
         if self.phase is Phase.STARTING:
             self.phase = Phase.READY
 
@@ -69,8 +72,8 @@ class ServerState:
             return False, "draining"
         assert self.engine is not None
         s = self.engine.stats()
-        if not s.is_alive:
-            return False, "engine_dead"
+        if not s.is_alive:  # down: being restarted by the watchdog, or gone for good
+            return False, "engine_restarting" if self.engine.is_alive else "engine_dead"
         if time.monotonic() - s.heartbeat > self.config.watchdog_timeout:
             return False, "engine_stalled"
         return True, "ok"
@@ -96,7 +99,8 @@ class ServerState:
         assert self.engine is not None
         s = self.engine.stats()
         if not s.is_alive:
-            raise EngineDeadError("The engine loop has stopped; this server cannot serve requests.")
+            raise EngineDeadError("The engine is restarting after a failure; retry shortly." if self.engine.is_alive
+                                  else "The engine has stopped; this server cannot serve requests.")
         # The engine's count lags by up to one iteration; requests admitted here beyond what one
         # step can run (max_num_seqs) are certainly waiting, seen by the engine yet or not.
         waiting = max(s.num_waiting, len(self.inflight) - self.engine.config.scheduler.max_num_seqs)

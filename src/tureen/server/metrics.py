@@ -38,6 +38,8 @@ TOKEN_LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.
 REQUEST_LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                            120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
 N_BUCKETS = [1, 2, 5, 10, 20]
+# From a step's end to the SSE write of its token: sub-millisecond when the hand-off is lean.
+HANDOFF_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
 
 
 def build_1_2_5_buckets(max_value: int) -> list[float]:
@@ -88,10 +90,28 @@ class EngineStateCollector(Collector):
                             s.num_preemptions)
         yield self._counter("vllm:prompt_tokens", "Number of prefill tokens processed.", s.prompt_tokens)
         yield self._counter("vllm:generation_tokens", "Number of generation tokens processed.", s.generation_tokens)
+        yield self._counter("tureen:engine_restarts", "Times the watchdog restarted the engine process after it "
+                            "crashed or stalled.", getattr(s, "engine_restarts", 0))
+        yield from self._spec_decoding(getattr(s, "spec_decoding", None))
         info = GaugeMetricFamily("vllm:cache_config_info", "Information of the engine's cache config.",
                                  labels=list(self.cache_info))
         info.add_metric(list(self.cache_info.values()), 1.0)
         yield info
+
+
+    def _spec_decoding(self, spec) -> Iterable[Metric]:
+        """vLLM's speculative-decoding counters; absent when speculation is off, as in vLLM."""
+        if spec is None:
+            return
+        yield self._counter("vllm:spec_decode_num_drafts", "Number of spec decoding drafts.", spec.num_drafts)
+        yield self._counter("vllm:spec_decode_num_draft_tokens", "Number of draft tokens.", spec.num_draft_tokens)
+        yield self._counter("vllm:spec_decode_num_accepted_tokens", "Number of accepted tokens.",
+                            spec.num_accepted_tokens)
+        per_pos = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                      "Accepted tokens per draft position.", labels=[*self.labels, "position"])
+        for pos, count in enumerate(spec.accepted_per_pos):
+            per_pos.add_metric([*self.labels.values(), str(pos)], count)
+        yield per_pos
 
 
 class ServerMetrics:
@@ -144,6 +164,9 @@ class ServerMetrics:
         self.params_n = h("vllm:request_params_n", "Histogram of the n request parameter.", names, N_BUCKETS)
         self.params_max_tokens = h("vllm:request_params_max_tokens", "Histogram of the max_tokens request parameter.",
                                    names, tokens)
+        self.handoff = h("tureen:step_to_sse_write_seconds",
+                         "Time from the end of the engine step that produced a streamed token to the write of "
+                         "its SSE chunk to the client's socket.", names, HANDOFF_BUCKETS)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

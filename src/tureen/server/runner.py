@@ -16,7 +16,8 @@ from typing import Any
 import uvicorn
 
 from tureen.server.app import build_app
-from tureen.server.config import ServerConfig
+from tureen.server.config import ServerConfig, warn_if_exposed
+from tureen.server.connections import KEEP_ALIVE_S, default_max_connections, guarded_protocol
 from tureen.server.lifecycle import ServerState
 
 logger = logging.getLogger("tureen.server")
@@ -30,9 +31,16 @@ def run_server(engine_config: Any, server_config: ServerConfig, engine_factory: 
     """Serve until a signal drains the server; returns the exit code (0 after a clean drain)."""
     if engine_factory is None:
         def engine_factory():
-            from tureen.engine.async_llm import AsyncLLM
-            return AsyncLLM.from_config(engine_config)
+            from tureen.engine.core_client import EngineCoreClient, WatchdogConfig
 
+            watchdog = WatchdogConfig(stall_timeout=server_config.watchdog_timeout,
+                                      max_restarts=server_config.max_engine_restarts,
+                                      restart_window=server_config.engine_restart_window,
+                                      shutdown_timeout=server_config.shutdown_timeout + 5.0)
+            level = "debug" if server_config.log_level == "trace" else server_config.log_level
+            return EngineCoreClient(engine_config, watchdog, log_level=level)
+
+    warn_if_exposed(server_config, logger)
     state = ServerState(server_config)
     exit_code = [0]
     server: DrainingServer
@@ -42,18 +50,26 @@ def run_server(engine_config: Any, server_config: ServerConfig, engine_factory: 
         server.should_exit = True
 
     app = build_app(state, engine_factory, on_fatal)
-    uv_config = uvicorn.Config(app, host=server_config.host, port=server_config.port, log_config=None,
-                               log_level=TRACE if server_config.log_level == "trace" else server_config.log_level,
-                               access_log=not server_config.disable_uvicorn_access_log,
-                               timeout_graceful_shutdown=UVICORN_GRACE_S, lifespan="on")
-    server = DrainingServer(uv_config, state)
-    # The engine thread runs Python between torch kernels; a shorter GIL switch interval lets the
-    # HTTP loop get the interpreter back sooner, so health checks and streams stay prompt.
+    server = DrainingServer(uvicorn_config(app, server_config), state)
+    # The engine's reader thread shares this interpreter with the HTTP loop; a shorter GIL switch
+    # interval hands the interpreter back sooner, so health checks and streams stay prompt.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     server.run()
     if not server.started and exit_code[0] == 0:
         return 1
     return exit_code[0]
+
+
+def uvicorn_config(app: Any, server_config: ServerConfig, **overrides: Any) -> uvicorn.Config:
+    """uvicorn's config for this app, with the connection guards of ``tureen.server.connections``."""
+    max_connections = server_config.max_connections or default_max_connections()
+    options: dict[str, Any] = dict(
+        host=server_config.host, port=server_config.port, log_config=None,
+        log_level=TRACE if server_config.log_level == "trace" else server_config.log_level,
+        access_log=not server_config.disable_uvicorn_access_log, timeout_graceful_shutdown=UVICORN_GRACE_S,
+        lifespan="on", http=guarded_protocol(server_config.http_read_timeout, max_connections),
+        timeout_keep_alive=KEEP_ALIVE_S)
+    return uvicorn.Config(app, **{**options, **overrides})
 
 
 class DrainingServer(uvicorn.Server):

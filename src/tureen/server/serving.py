@@ -12,19 +12,21 @@ import asyncio
 import copy
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from fastapi.sse import format_sse_event
 from pydantic import BaseModel
 
+from tureen.errors import InvalidRequestError, PromptTooLongError
 from tureen.outputs import RequestOutput
-from tureen.sampling_params import SamplingParams
+from tureen.sampling_params import SamplingParams, StructuredOutputsParams
 from tureen.server.errors import APIError, model_not_found, request_timeout, to_api_error
 from tureen.server.lifecycle import ServerState
 from tureen.server.protocol import PromptTokensDetails, SamplingRequest, Usage
@@ -32,6 +34,7 @@ from tureen.server.tracking import RequestTracker, logfmt
 
 logger = logging.getLogger("tureen.server")
 
+T = TypeVar("T")
 SSE_DONE = format_sse_event(data_str="[DONE]")
 _END = object()
 
@@ -68,6 +71,7 @@ class Generation:
         self._tasks: list[asyncio.Task] = []
         self._open = len(prompts)
         self._closed = False
+        self._unwritten_since: float | None = None  # end of the step whose output awaits its SSE write
 
     @property
     def cached_tokens(self) -> int:
@@ -112,9 +116,21 @@ class Generation:
     def _observe(self, index: int, out: RequestOutput) -> None:
         tracker = self.trackers[index]
         tracker.observe(out)
+        if self._unwritten_since is None and out.metrics is not None and any(c.token_ids for c in out.outputs):
+            self._unwritten_since = out.metrics.last_token_time
         if out.finished:
             tracker.finish()
             self.state.unregister(tracker.request_id)
+
+    def written(self) -> None:
+        """A chunk went to the client's socket: record how long ago the step behind it ended.
+
+        Step ends are the engine's ``time.time()`` stamps (``RequestMetrics.last_token_time``), so
+        the figure spans the channel between the processes, the event loop and the SSE write.
+        """
+        since, self._unwritten_since = self._unwritten_since, None
+        if since is not None and self.state.metrics is not None:
+            self.state.metrics.handoff.observe(max(time.time() - since, 0.0))
 
     async def close(self, abort_reason: str | None = None) -> None:
         """Abort what is unfinished and settle the bookkeeping; safe to call more than once."""
@@ -148,16 +164,63 @@ def require_engine(state: ServerState) -> None:
         state.admit(1)  # raises the right 503
 
 
-def prepare_params(state: ServerState, req: Any, prompts: list[Prompt]) -> list[SamplingParams]:
-    """One SamplingParams per prompt, validated by the engine (which fills max_tokens)."""
+OFF_LOOP_CHARS = 16 * 1024  # texts at least this long are tokenized / rendered in a worker thread
+
+
+async def off_loop(size: int, fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn`` in a worker thread when its input is large, so the event loop keeps serving.
+
+    Small inputs run inline: a thread hop costs more than tokenizing a short prompt. (The tokenizer
+    releases the GIL while it encodes, so the loop really does run meanwhile.)
+    """
+    if size < OFF_LOOP_CHARS:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
+
+
+def check_text_fits(state: ServerState, text: str, param: str = "prompt") -> None:
+    """Reject a text that cannot fit in max_model_len tokens whatever it tokenizes to, before tokenizing it."""
     assert state.engine is not None
-    base = req.to_sampling_params(state.engine.tokenizer.generation_defaults)
+    if len(text) > state.max_prompt_chars:
+        limit = state.engine.max_model_len
+        raise PromptTooLongError(
+            f"the {param} has {len(text)} characters; no text longer than {state.max_prompt_chars} characters "
+            f"fits in max_model_len={limit} tokens with this tokenizer", limit=limit, value=len(text))
+
+
+def prepare_params(state: ServerState, req: Any, prompts: list[Prompt],
+                   structured_outputs: StructuredOutputsParams | None = None) -> list[SamplingParams]:
+    """One SamplingParams per prompt, validated by the engine (which fills max_tokens).
+
+    ``structured_outputs`` overrides the request's own output constraint (tool_choice decides it).
+    """
+    assert state.engine is not None
+    base = req.to_sampling_params(state.engine.tokenizer.generation_defaults, structured_outputs)
     out = []
     for p in prompts:
         sp = copy.copy(base)
         state.engine.validate(p.token_ids, sp)
         out.append(sp)
     return out
+
+
+async def check_constraints(state: ServerState, params: list[SamplingParams], field: str) -> None:
+    """Compile the request's output constraint off the event loop; a bad one is a 400 naming it.
+
+    ``field`` is the request field the constraint came from; errors name it rather than the
+    internal ``structured_outputs.*`` spelling. The engine caches the compiled grammar, so its
+    own compilation of this request is a lookup.
+    """
+    assert state.engine is not None
+    if not params or params[0].structured_outputs is None:
+        return
+    try:
+        await state.engine.check_structured_outputs(params[0])
+    except InvalidRequestError as exc:
+        internal = f"structured_outputs.{params[0].structured_outputs.kind}"
+        if field.startswith("structured_outputs") or not (exc.param or "").startswith(internal):
+            raise
+        raise InvalidRequestError(str(exc).replace(internal, field), param=field) from None
 
 
 def start_generation(state: ServerState, base_id: str, prompts: list[Prompt], params: list[SamplingParams],
@@ -227,7 +290,8 @@ async def event_stream(state: ServerState, gen: Generation,
     reason = "client_disconnect"  # if we are closed or cancelled before the end, the client left
     try:
         async for chunk in chunks():
-            yield chunk
+            yield chunk  # resumed once the server has handed the chunk to the socket
+            gen.written()
         reason = None
     except Exception as exc:  # after the headers went out, errors travel as an SSE event
         err = to_api_error(exc)
@@ -255,6 +319,8 @@ class GenerationResponse(StreamingResponse):
 
 async def next_output(gen: Generation, when: float | None, seconds: float | None
                       ) -> tuple[int, RequestOutput] | None:
+    if when is None:  # no --request-timeout: no timer to arm and cancel for every token
+        return await gen.next()
     async with time_limit(when, seconds):
         return await gen.next()
 

@@ -8,20 +8,23 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from tureen.errors import InvalidRequestError
 from tureen.outputs import CompletionOutput
 from tureen.server.lifecycle import ServerState
 from tureen.server.logprobs import completion_logprobs
+from tureen.server.sse import CompletionChunks
 from tureen.server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from tureen.server.serving import (
     Generation,
     GenerationResponse,
     Prompt,
+    check_constraints,
     check_model,
+    check_text_fits,
     collect,
     deadline,
     new_id,
     next_output,
+    off_loop,
     prepare_params,
     require_engine,
     sse,
@@ -30,19 +33,18 @@ from tureen.server.serving import (
 )
 
 
-def tokenize_prompts(state: ServerState, req: CompletionRequest) -> list[Prompt]:
+async def tokenize_prompts(state: ServerState, req: CompletionRequest) -> list[Prompt]:
+    """Token ids per prompt, off the event loop when large; token-id prompts are checked by validate."""
     assert state.engine is not None
     tokenizer = state.engine.tokenizer
     prompts = []
-    for i, p in enumerate(req.prompts()):
+    for p in req.prompts():
         if isinstance(p, str):
-            prompts.append(Prompt(tokenizer.encode(p, add_special_tokens=req.add_special_tokens), p))
-            continue
-        bad = [t for t in p if not 0 <= t < tokenizer.vocab_size]
-        if bad:
-            raise InvalidRequestError(f"prompt {i} has token id {bad[0]}, outside the vocabulary "
-                                      f"[0, {tokenizer.vocab_size})", param="prompt")
-        prompts.append(Prompt(list(p)))
+            check_text_fits(state, p)
+            ids = await off_loop(len(p), tokenizer.encode, p, req.add_special_tokens)
+            prompts.append(Prompt(ids, p))
+        else:
+            prompts.append(Prompt(list(p)))
     return prompts
 
 
@@ -66,8 +68,9 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
     require_engine(state)
     check_model(state, req)
     req.check_supported()
-    prompts = tokenize_prompts(state, req)
+    prompts = await tokenize_prompts(state, req)
     params = prepare_params(state, req, prompts)
+    await check_constraints(state, params, req.constraint_field)
     base_id = new_id("cmpl")
     gen = start_generation(state, base_id, prompts, params, req.priority)
     when = deadline(state)
@@ -111,6 +114,7 @@ def _accumulate(state: ServerState, req: CompletionRequest, ch: _Choice, c: Comp
 async def _stream(state: ServerState, req: CompletionRequest, gen: Generation, base_id: str,
                   when: float | None):
     created = int(time.time())
+    fast = CompletionChunks(base_id, created, state.engine.model_name) if req.logprobs is None else None
     offsets: dict[int, int] = {}
     total = 0
     while (item := await next_output(gen, when, state.config.request_timeout)) is not None:
@@ -120,7 +124,10 @@ async def _stream(state: ServerState, req: CompletionRequest, gen: Generation, b
             total += len(c.token_ids)
             if not (c.text or c.finish_reason or c.token_ids):
                 continue
-            yield sse(_chunk(state, req, base_id, created, index, c, offsets))
+            if fast is not None:
+                yield fast.choice(index, c.text, c.finish_reason, c.stop_reason)
+            else:
+                yield sse(_chunk(state, req, base_id, created, index, c, offsets))
     if req.include_usage:
         yield sse(CompletionResponse(id=base_id, created=created, model=state.engine.model_name, choices=[],
                                      usage=usage(gen, total)))

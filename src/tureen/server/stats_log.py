@@ -36,8 +36,15 @@ def log_stats_line(s, last, elapsed: float) -> None:
     hits = s.prefix_cache_hits - last.prefix_cache_hits
     idle = not (prompt_tps or gen_tps or s.num_running or s.num_waiting)
     level = logging.DEBUG if idle else logging.INFO
-    logger.log(level, "engine stats %s", logfmt({
+    fields = {
         "running": s.num_running, "waiting": s.num_waiting, "kv_cache_usage_pct": 100.0 * s.kv_cache_usage,
         "prompt_tokens_per_s": prompt_tps, "generation_tokens_per_s": gen_tps,
         "prefix_cache_hit_rate_pct": 100.0 * hits / queries if queries else 0.0,
-        "preemptions": s.num_preemptions - last.num_preemptions}))
+        "preemptions": s.num_preemptions - last.num_preemptions}
+    spec = getattr(s, "spec_decoding", None)
+    if spec is not None:  # over the interval, as vLLM's SpecDecoding metrics line does
+        interval = spec.delta(getattr(last, "spec_decoding", None))
+        fields.update({"spec_acceptance_rate_pct": 100.0 * interval.acceptance_rate,
+                       "spec_mean_acceptance_length": interval.mean_acceptance_length,
+                       "spec_drafts": interval.num_drafts})
+    logger.log(level, "engine stats %s", logfmt(fields))

@@ -37,7 +37,7 @@ class RequestTracker:
         self.finish_reasons: dict[int, str] = {}
         self.timing: RequestMetrics | None = None
         self.start = time.time()
-        self._last_token_mono: float | None = None
+        self._last_token_time: float | None = None  # the engine's stamp of the last token counted
         self._done = False
 
     def observe(self, out: RequestOutput) -> None:
@@ -49,15 +49,28 @@ class RequestTracker:
             if c.finish_reason is not None:
                 self.finish_reasons[c.index] = c.finish_reason
         if steps:
-            self._observe_token_gap(steps)
+            self._observe_token_gaps(steps, out.metrics)
 
-    def _observe_token_gap(self, steps: int) -> None:
-        now = time.monotonic()
-        if self._last_token_mono is not None and self.metrics is not None:
-            gap = (now - self._last_token_mono) / steps
-            for _ in range(steps):
-                self.metrics.itl.observe(gap)
-        self._last_token_mono = now
+    def _observe_token_gaps(self, tokens: int, timing: RequestMetrics | None) -> None:
+        """One ITL observation per token after the first, timed by the engine's own token stamps.
+
+        An output can carry several steps' tokens (a lagging reader's merged deltas, a speculative
+        step), so the time since the last counted token is spread evenly over them. Timing by when
+        outputs reach this process instead would count no gap at all for a reader that got every
+        token at once.
+        """
+        if timing is None or timing.last_token_time is None:
+            return
+        if self._last_token_time is None:
+            start, gaps = timing.first_token_time, tokens - 1
+        else:
+            start, gaps = self._last_token_time, tokens
+        self._last_token_time = timing.last_token_time
+        if self.metrics is None or start is None or gaps <= 0:
+            return
+        gap = max(timing.last_token_time - start, 0.0) / gaps
+        for _ in range(gaps):
+            self.metrics.itl.observe(gap)
 
     @property
     def finish_reason(self) -> str:

@@ -24,125 +24,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef float v8 __attribute__((vector_size(32))); /* 8 floats: one AVX register, two NEON ones */
-typedef int32_t v8i __attribute__((vector_size(32)));
-
-static inline v8 load8(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
-static inline void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
-static inline v8 splat8(float x) { return (v8){x, x, x, x, x, x, x, x}; }
-
-static inline float hsum8(v8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
-
-/* Pairwise halving: sums of a and b in the even and odd 4-lane halves. */
-static inline v8 pair_sum(v8 a, v8 b) {
-    return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
-           __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
-}
-
-/* {hsum(a0), ..., hsum(a7)} in 21 vector operations instead of eight scalar reductions. */
-static inline v8 hsum8x8(v8 a0, v8 a1, v8 a2, v8 a3, v8 a4, v8 a5, v8 a6, v8 a7) {
-    const v8 s0123 = pair_sum(pair_sum(a0, a1), pair_sum(a2, a3)); /* a0 a1 a2 a3 | a0 a1 a2 a3 */
-    const v8 s4567 = pair_sum(pair_sum(a4, a5), pair_sum(a6, a7));
-    return __builtin_shufflevector(s0123, s4567, 0, 1, 2, 3, 8, 9, 10, 11) +
-           __builtin_shufflevector(s0123, s4567, 4, 5, 6, 7, 12, 13, 14, 15);
-}
-
-static inline v8 select8(v8i mask, v8 a, v8 b) { return (v8)(((v8i)a & mask) | ((v8i)b & ~mask)); }
-
-/* exp(x), 8 lanes, x clamped to [-87, 88]: Cephes-style range reduction and a degree-6 polynomial
- * (about 1 ulp). Plain loops over libm's expf do not vectorize without -ffast-math. */
-static inline v8 exp8(v8 x) {
-    x = select8(x < splat8(-87.0f), splat8(-87.0f), x);
-    x = select8(x > splat8(88.0f), splat8(88.0f), x);
-    const v8 y = x * 1.44269504088896341f;
-    const v8i ni = __builtin_convertvector(y + select8(y < splat8(0.0f), splat8(-0.5f), splat8(0.5f)), v8i);
-    const v8 n = __builtin_convertvector(ni, v8); /* round(x / ln2) */
-    const v8 r = (x - n * 0.693359375f) + n * 2.12194440e-4f; /* x - n ln2, in two parts */
-    v8 p = splat8(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    return p * (v8)((ni + 127) << 23); /* times 2^n */
-}
-
-/* s[0:len] = exp(s - max(s)); returns the sum. */
-static float softmax_numerators(float *s, int64_t len) {
-    float m = s[0], total = 0.0f;
-    for (int64_t j = 1; j < len; j++) m = s[j] > m ? s[j] : m;
-    int64_t j = 0;
-    v8 acc = {0};
-    for (; j + 8 <= len; j += 8) {
-        const v8 e = exp8(load8(s + j) - m);
-        store8(s + j, e);
-        acc += e;
-    }
-    if (j < len) {
-        float tail[8] = {0};
-        memcpy(tail, s + j, sizeof(float) * (len - j));
-        const v8 e = exp8(load8(tail) - m);
-        for (int64_t t = 0; t < len - j; t++) s[j + t] = e[t], total += e[t];
-    }
-    return hsum8(acc) + total;
-}
-
-/* out[j] = scale * (q . k_j) for rows k_0 .. k_{rows-1}, `stride` floats apart. Eight rows at a
- * time: eight independent accumulator chains, then one transposing reduction. */
-static void dot_rows(const float *q, const float *k, int64_t stride, int64_t rows, int64_t D, float scale,
-                     float *out) {
-    int64_t j = 0;
-    for (; j + 8 <= rows; j += 8) {
-        const float *r = k + j * stride;
-        v8 a[8] = {{0}};
-        for (int64_t d = 0; d < D; d += 8) {
-            const v8 qv = load8(q + d);
-            for (int i = 0; i < 8; i++) a[i] += qv * load8(r + i * stride + d);
-        }
-        store8(out + j, hsum8x8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]) * scale);
-    }
-    for (; j < rows; j++) {
-        v8 a = {0};
-        for (int64_t d = 0; d < D; d += 8) a += load8(q + d) * load8(k + j * stride + d);
-        out[j] = hsum8(a) * scale;
-    }
-}
-
-/* acc[0:D] += sum_j w[j] * v_j. 64 columns at a time stay in eight registers across the rows. */
-static void weighted_sum_rows(const float *w, const float *v, int64_t stride, int64_t rows, int64_t D,
-                              float *acc) {
-    int64_t d = 0;
-    for (; d + 64 <= D; d += 64) {
-        v8 a[8];
-        for (int c = 0; c < 8; c++) a[c] = load8(acc + d + 8 * c);
-        for (int64_t j = 0; j < rows; j++) {
-            const float *row = v + j * stride + d;
-            for (int c = 0; c < 8; c++) a[c] += w[j] * load8(row + 8 * c);
-        }
-        for (int c = 0; c < 8; c++) store8(acc + d + 8 * c, a[c]);
-    }
-    for (; d < D; d += 8) {
-        v8 a = load8(acc + d);
-        for (int64_t j = 0; j < rows; j++) a += w[j] * load8(v + j * stride + d);
-        store8(acc + d, a);
-    }
-}
-
-static void prefetch_block(const float *p, int64_t floats) {
-    for (int64_t i = 0; i < floats; i += 16) __builtin_prefetch(p + i, 0, 3); /* one 64-byte line each */
-}
-
-typedef struct {
-    int64_t H, Hkv, D, bs;
-    float scale;
-} Dims;
-
-/* Rows [lo, hi) of block b hold the visible positions b * bs + lo .. b * bs + hi - 1. */
-static inline void block_range(int64_t b, int64_t first, int64_t ctx, int64_t bs, int64_t *lo, int64_t *hi) {
-    *lo = first > b * bs ? first - b * bs : 0;
-    *hi = ctx < (b + 1) * bs ? ctx - b * bs : bs;
-}
+#include "attention.h"
+#include "simd.h"
 
 /* ---- 1. paged decode attention ------------------------------------------------------------
  *
@@ -407,9 +290,10 @@ static void linear_tile_rows(int rows, const float *x, int64_t ldx, const float 
 }
 
 /* x (M, K), rows ldx apart, each dense; packed, packed_bias (or NULL) from tureen_pack_linear_f32
- * with the same N, K and gate_up; y contiguous, (M, N) or (M, N / 2) for gate_up. */
-void tureen_linear_f32(const float *x, int64_t ldx, const float *packed, const float *packed_bias, float *y,
-                       int64_t M, int64_t N, int64_t K, int gate_up, int num_threads) {
+ * with the same N, K and gate_up; y contiguous, (M, N) or (M, N / 2) for gate_up. The weight's
+ * arguments come last (but for the thread count): the binding keeps them in one tuple. */
+void tureen_linear_f32(const float *x, int64_t ldx, float *y, int64_t M, const float *packed,
+                       const float *packed_bias, int64_t N, int64_t K, int gate_up, int num_threads) {
     const int64_t panels = gate_up ? N / PANEL : (N + PANEL - 1) / PANEL;
     const int64_t ldy = gate_up ? N / 2 : N, k_block = gate_up ? K : K_BLOCK;
     const int panel_cols = gate_up ? PANEL / 2 : PANEL;

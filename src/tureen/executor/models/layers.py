@@ -5,22 +5,25 @@ dimension, where ``T`` is the number of tokens scheduled this step across all re
 
 Parameters are created with ``torch.empty`` (no random init): the loader fills every one of them,
 and the model is built under the target device/dtype so a 7B checkpoint is not initialised twice.
-Each parameter carries a ``weight_loader(param, loaded, shard_id)`` used by the checkpoint loader.
+Norm and embedding parameters carry a ``weight_loader(param, loaded, shard_id)`` used by the
+checkpoint loader; linear layers' parameters belong to their ``LinearMethod`` (``quantization/``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tureen.errors import ModelLoadError, UnsupportedArchitectureError
-from tureen.executor.attention import AttentionMetadata, paged_attention
-from tureen.executor.cpu_kernels import CpuOps, PackedLinear, pack_linear_weight, packed_linear
+from tureen.executor.attention import AttentionMetadata, KVCache, paged_attention
+from tureen.executor.cpu_kernels import CpuOps
+from tureen.executor.quantization.base import IDENTITY, SILU_MUL, Epilogue, LinearMethod, LinearMethodFactory
+from tureen.executor.quantization.unquantized import TorchLinearMethod
 
 # Hugging Face checkpoint name fragment -> (fused parameter fragment, shard id).
 # q/k/v projections live in one ``qkv_proj``; gate/up in one ``gate_up_proj``.
@@ -31,6 +34,15 @@ PACKED_MODULES_MAPPING: dict[str, tuple[str, str | int]] = {
     "gate_proj": ("gate_up_proj", 0),
     "up_proj": ("gate_up_proj", 1),
 }
+
+
+def checkpoint_module_names(name: str, mapping: dict[str, tuple[str, str | int]] = PACKED_MODULES_MAPPING
+                            ) -> list[str]:
+    """A model module name -> the checkpoint module names that fill it, one per fused shard:
+    ``model.layers.0.self_attn.qkv_proj`` -> ``[...q_proj, ...k_proj, ...v_proj]``."""
+    parent, _, last = name.rpartition(".")
+    fragments = [f for f, (target, _) in mapping.items() if target == last]
+    return [f"{parent}.{f}" if parent else f for f in fragments] or [name]
 
 
 def default_weight_loader(param: Tensor, loaded: Tensor, shard_id: Any = None) -> None:
@@ -234,64 +246,56 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 # Linear layers with fused shards
 
 
-class PackableLinear(nn.Module):
-    """``F.linear`` by default; after ``pack_for_cpu()``, a pre-packed copy of the weight multiplied
-    by the native CPU GEMM (``CpuOps.linear``) or, without native kernels, by oneDNN.
+class LinearLayer(nn.Module):
+    """A linear layer that only knows its shape; its ``LinearMethod`` owns the weights and the product.
 
-    Packing replaces the plain weight (no second copy in memory), so load weights first. The copy
-    is private: packing a weight tied to the embedding leaves the embedding's tensor alone.
+    ``shards``: the Hugging Face projections stacked along the output dim, in order (one shard,
+    id None, for a plain layer). ``epilogue`` is part of the layer's meaning (``SILU_MUL`` for a
+    [gate; up] projection). The method starts as ``F.linear`` on a float weight; the loader swaps in
+    the engine's method per layer (``set_method``) before filling it.
     """
 
-    weight: Tensor
-    bias: Tensor | None
-    packed_weight: Tensor | PackedLinear | None = None
-    native: CpuOps | None = None  # multiplies packed_weight when set; oneDNN does otherwise
-
-    def pack_for_cpu(self, ops: CpuOps | None, gate_up: bool = False) -> None:
-        """``gate_up`` (native only): this is a [gate; up] projection and the GEMM returns
-        silu(gate) * up."""
-        if ops is None:
-            self.packed_weight = pack_linear_weight(self.weight)
-        else:
-            self.packed_weight = ops.pack_linear(self.weight.data, None if self.bias is None else self.bias.data,
-                                                 gate_up)
-            self.bias = None  # packed with the weight
-        self.native = ops
-        del self.weight  # the Parameter (the embedding keeps its own reference when tied)
-        self.weight = None  # type: ignore[assignment]
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.native is not None:
-            return self.native.linear(x, self.packed_weight)
-        if self.packed_weight is not None:
-            return packed_linear(x, self.packed_weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
-
-
-class Linear(PackableLinear):
-    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+    def __init__(self, in_features: int, shard_sizes: dict[Any, int], bias: bool,
+                 epilogue: Epilogue = IDENTITY) -> None:
         super().__init__()
-        self.weight = _empty_param(out_features, in_features)
-        self.bias = _empty_param(out_features) if bias else None
-
-
-class ShardedLinear(Linear):
-    """Several Hugging Face projections stacked along the output dim (``shard_sizes`` in order)."""
-
-    def __init__(self, in_features: int, shard_sizes: dict[Any, int], bias: bool) -> None:
-        super().__init__(in_features, sum(shard_sizes.values()), bias)
+        self.in_features = in_features
+        self.out_features = sum(shard_sizes.values())
+        self.has_bias = bias
+        self.epilogue = epilogue
+        self.prefix = ""
         self.shards: dict[Any, tuple[int, int]] = {}
         offset = 0
         for shard_id, size in shard_sizes.items():
             self.shards[shard_id] = (offset, size)
             offset += size
-        for p in (self.weight, self.bias):
-            if p is not None:
-                p.weight_loader = self._load_shard  # type: ignore[attr-defined]
+        self.method: LinearMethod = TorchLinearMethod()
+        self.method.create_weights(self)
 
-    def _load_shard(self, param: Tensor, loaded: Tensor, shard_id: Any) -> None:
-        offset, size = self.shards[shard_id]
-        default_weight_loader(param.data.narrow(0, offset, size), loaded)
+    def set_method(self, method: LinearMethod, prefix: str = "") -> None:
+        """Replace the method (and its parameters) before loading."""
+        for name, _ in list(self.named_parameters(recurse=False)):
+            delattr(self, name)
+        self.prefix = prefix or self.prefix
+        self.method = method
+        method.create_weights(self)
+
+    def load_tensor(self, shard_id: Any, tensor_name: str, tensor: Tensor) -> None:
+        self.method.load(self, shard_id, tensor_name, tensor)
+
+    def process_weights_after_loading(self) -> None:
+        self.method.process_weights_after_loading(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.method.apply(self, x, getattr(self, "bias", None))
+
+
+class Linear(LinearLayer):
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__(in_features, {None: out_features}, bias)
+
+
+class ShardedLinear(LinearLayer):
+    """Several Hugging Face projections stacked along the output dim (``shard_sizes`` in order)."""
 
 
 class QKVLinear(ShardedLinear):
@@ -302,32 +306,16 @@ class QKVLinear(ShardedLinear):
 
 
 class GatedMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)), gate and up fused in one matmul."""
-
-    cpu_ops: CpuOps | None = None  # set by CausalLM.use_cpu_ops
-    fused_activation = False  # the packed gate_up GEMM returns silu(gate) * up itself
+    """down(silu(gate(x)) * up(x)): gate and up are one projection whose epilogue is the activation."""
 
     def __init__(self, hidden: int, intermediate: int, bias: bool) -> None:
         super().__init__()
         self.intermediate = intermediate
-        self.gate_up_proj = ShardedLinear(hidden, {0: intermediate, 1: intermediate}, bias)
+        self.gate_up_proj = ShardedLinear(hidden, {0: intermediate, 1: intermediate}, bias, epilogue=SILU_MUL)
         self.down_proj = Linear(intermediate, hidden, bias)
 
-    def pack_for_cpu(self, ops: CpuOps | None) -> None:
-        self.fused_activation = ops is not None and self.intermediate % 8 == 0
-        self.gate_up_proj.pack_for_cpu(ops, gate_up=self.fused_activation)
-        self.down_proj.pack_for_cpu(ops)
-
     def forward(self, x: Tensor) -> Tensor:
-        if self.fused_activation:
-            return self.down_proj(self.gate_up_proj(x))
-        gate_up = self.gate_up_proj(x)  # (T, 2I)
-        if self.cpu_ops is not None:
-            return self.down_proj(self.cpu_ops.silu_mul(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)  # (T, I) each
-        act = F.silu(gate)
-        act *= up  # in place: one (T, I) temporary fewer
-        return self.down_proj(act)
+        return self.down_proj(self.gate_up_proj(x))  # (T, hidden) -> (T, I) -> (T, hidden)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,7 +346,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(spec.head_dim, spec.qk_norm_eps)
             self.k_norm = RMSNorm(spec.head_dim, spec.qk_norm_eps)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], meta: AttentionMetadata, kv_cache: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], meta: AttentionMetadata, kv_cache: KVCache) -> Tensor:
         s = self.spec
         qkv = self.qkv_proj(x)  # (T, q_size + 2 * kv_size)
         q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1)
@@ -392,13 +380,11 @@ class VocabEmbedding(nn.Module):
         return F.embedding(ids, self.weight)
 
 
-class LMHead(PackableLinear):
+class LMHead(Linear):
     """Projects hidden states to float32 logits; may share its weight with the embedding."""
 
     def __init__(self, vocab_size: int, hidden: int) -> None:
-        super().__init__()
-        self.weight = _empty_param(vocab_size, hidden)
-        self.bias = None
+        super().__init__(hidden, vocab_size, bias=False)
 
     def forward(self, h: Tensor) -> Tensor:
         return super().forward(h).float()
@@ -413,7 +399,7 @@ class DecoderLayer(nn.Module):
         self.mlp = GatedMLP(spec.hidden_size, intermediate_size, mlp_bias)
 
     def forward(self, x: Tensor, residual: Tensor | None, rope: tuple[Tensor, Tensor], meta: AttentionMetadata,
-                kv_cache: Tensor) -> tuple[Tensor, Tensor]:
+                kv_cache: KVCache) -> tuple[Tensor, Tensor]:
         """x: the previous layer's output (the embeddings for layer 0), not yet added to the residual
         stream; residual: the stream so far (None for layer 0). Returns this layer's (x, residual)."""
         x, residual = self.input_layernorm.add_and_norm(x, residual)
@@ -434,7 +420,7 @@ class DecoderModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(args.rope())
 
     def forward(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata,
-                kv_caches: list[Tensor]) -> Tensor:
+                kv_caches: list[KVCache]) -> Tensor:
         h = self.embed_tokens(input_ids)  # (T, hidden)
         rope = self.rotary_emb.cos_sin(positions, h.dtype)
         residual = None
@@ -466,22 +452,25 @@ class CausalLM(nn.Module):
         self.lm_head.weight = self.model.embed_tokens.weight
 
     def use_cpu_ops(self, ops: CpuOps) -> None:
-        """Run norms, RoPE and the MLP activation on the native CPU kernels."""
+        """Run norms, RoPE and attention on the native CPU kernels (linear layers: see set_linear_methods)."""
         for module in self.modules():
-            if isinstance(module, (RMSNorm, GatedMLP, Attention)):
+            if isinstance(module, (RMSNorm, Attention)):
                 module.cpu_ops = ops
 
-    def pack_linear_weights_for_cpu(self, ops: CpuOps | None) -> None:
-        """Pre-pack every linear layer (and the LM head) for the native GEMM of ``ops``, or for
-        oneDNN when ``ops`` is None."""
-        for module in self.modules():  # parents come first: an MLP packs its own projections
-            if isinstance(module, GatedMLP):
-                module.pack_for_cpu(ops)
-            elif isinstance(module, PackableLinear) and module.packed_weight is None:
-                module.pack_for_cpu(ops)
+    def linear_layers(self) -> Iterator[tuple[str, LinearLayer]]:
+        return ((name, m) for name, m in self.named_modules() if isinstance(m, LinearLayer))
+
+    def set_linear_methods(self, factory: LinearMethodFactory) -> None:
+        """Give every linear layer (the LM head included) its method, before weights are loaded."""
+        for name, layer in self.linear_layers():
+            layer.set_method(factory(name, layer), prefix=name)
+
+    def process_weights_after_loading(self) -> None:
+        for _, layer in self.linear_layers():
+            layer.process_weights_after_loading()
 
     def forward(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata,
-                kv_caches: list[Tensor]) -> Tensor:
+                kv_caches: list[KVCache]) -> Tensor:
         """input_ids, positions: (T,) -> final hidden states (T, hidden)."""
         return self.model(input_ids, positions, meta, kv_caches)
 

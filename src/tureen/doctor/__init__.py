@@ -1,0 +1,1 @@
+"""``tureen doctor``: check the host before serving, and say what to fix."""

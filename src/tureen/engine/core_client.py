@@ -1,0 +1,457 @@
+"""``EngineCoreClient``: the ``EngineClient`` of ``tureen serve``, with the engine core in its own process.
+
+    API process (this)                                  engine core process (engine/core.py)
+    tokenizer, InputProcessor ──EngineCoreRequest──>      LLMEngine: schedule, run, sample,
+    HTTP, SSE, metrics        <──StepOutputs (1/step)──   detokenize, stop strings
+                               ──AbortRequests──────>
+                  (one Unix socket pair, length-prefixed msgpack frames: engine/core_channel.py)
+
+The API process never imports torch. It validates each request once (``InputProcessor``) and
+sends it; one reader thread receives one ``StepOutputs`` per engine step and hands the whole batch
+to each event loop with a single ``call_soon_threadsafe``, so there is no per-token thread hop,
+task or lock. Each request's outputs wait in an ``OutputStream``, which merges the delta outputs
+a lagging consumer has not taken yet (engine/output_stream.py). The same thread is the watchdog:
+
+- the engine process exited (its end of the socket closes: noticed at once), or sent nothing
+  (not even its idle heartbeat) for ``stall_timeout`` seconds: the stats snapshot goes unhealthy at once, every in-flight request
+  fails with ``EngineDeadError``, the process is killed and a new one started and warmed up with a
+  real generation, then the snapshot is healthy again and ``engine_restarts`` counts one more;
+- after ``max_restarts`` restarts within ``restart_window`` seconds it stops trying: the client
+  stays dead and unhealthy, so an orchestrator replaces the pod.
+
+Each engine generation gets a fresh socket pair, so nothing meant for a dead engine reaches its
+successor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import msgspec
+
+from tureen.config import EngineConfig
+from tureen.engine.core_channel import ChannelClosed, ClientChannel, channel_pair
+from tureen.engine.core_messages import (
+    AbortRequests,
+    EngineCoreRequest,
+    EngineFailed,
+    EngineInfo,
+    EngineReady,
+    Shutdown,
+    StepOutputs,
+)
+from tureen.engine.input_processor import InputLimits, InputProcessor
+from tureen.engine.output_stream import OutputStream
+from tureen.engine.protocol import EngineStats
+from tureen.errors import (ConfigError, EngineDeadError, EngineStepError, InvalidRequestError, ModelLoadError,
+                           UnsupportedArchitectureError)
+from tureen.outputs import RequestOutput
+from tureen.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger("tureen.engine")
+
+# Start-up failures the engine process reports by name, re-raised here as the same typed error.
+_STARTUP_ERRORS = {cls.__name__: cls for cls in (ConfigError, ModelLoadError, UnsupportedArchitectureError)}
+COUNTERS = ("prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "prompt_tokens", "generation_tokens")
+POLL_S = 0.05  # the reader thread's poll interval: how soon a dead process is noticed
+WARMUP_PROMPT = "warm up"
+WARMUP_TOKENS = 2
+
+
+@dataclass
+class WatchdogConfig:
+    stall_timeout: float = 30.0  # no message from the engine for this long: a stall
+    max_restarts: int = 3  # restarts allowed within restart_window before giving up
+    restart_window: float = 300.0
+    startup_timeout: float = 900.0  # loading the model may take long
+    shutdown_timeout: float = 10.0
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: OutputStream
+    prompt: str | None
+    prompt_token_ids: list[int]  # not sent back by the engine with every output: restored here
+
+
+class _Engine:
+    """One engine-core process and our end of its channel."""
+
+    def __init__(self, config: EngineConfig, log_level: str) -> None:
+        ours, theirs = channel_pair()
+        cmd = [sys.executable, "-m", "tureen.engine.core", "--config-json", msgspec.json.encode(config).decode(),
+               "--channel-fd", str(theirs.fileno()), "--parent-pid", str(os.getpid()), "--log-level", log_level]
+        try:
+            # A session of its own: a terminal's Ctrl-C reaches the server, which then stops the engine.
+            self.proc = subprocess.Popen(cmd, start_new_session=True, pass_fds=(theirs.fileno(),))
+        finally:
+            theirs.close()  # the child holds it now; our copy would hide the child's exit from us
+        self.channel = ClientChannel(ours)
+        self.closed = False  # the engine's end of the channel is closed: the process is gone
+        self._received: collections.deque[Any] = collections.deque()
+        self.last_message = time.monotonic()
+        self.baseline: dict[str, int] = {}  # the engine's counters after its warm-up
+        self.info: EngineInfo | None = None
+
+    def recv(self, timeout_s: float) -> Any | None:
+        """The next message, or None when none came within ``timeout_s`` or the channel is closed."""
+        if not self._received and not self.closed:
+            try:
+                self._received.extend(self.channel.receive(timeout_s))
+            except ChannelClosed:
+                self.closed = True
+        if self._received:
+            self.last_message = time.monotonic()
+            return self._received.popleft()
+        if self.closed:  # nothing more will come: wait as long as a receive would have, never spin
+            if self.proc.poll() is None:
+                try:
+                    self.proc.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    pass
+            else:
+                time.sleep(timeout_s)
+        return None
+
+    def send(self, message: Any) -> None:
+        try:
+            self.channel.send(message)
+        except ChannelClosed:  # the engine is gone: the reader sees the end of file and recovers
+            pass
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class EngineCoreClient:
+    def __init__(self, config: EngineConfig, watchdog: WatchdogConfig | None = None, log_level: str = "info") -> None:
+        self.config = config
+        self.watchdog = watchdog or WatchdogConfig()
+        self.log_level = log_level
+        self._generation = 0
+        self._send_lock = threading.Lock()  # guards swapping self._engine against a send to it
+        self._lock = threading.Lock()  # guards _streams
+        self._checker: Any = None  # a StructuredOutputManager for validating constraints, built on first use
+        self._checker_lock = threading.Lock()
+        self._streams: dict[str, _Stream] = {}
+        self._restarts: collections.deque[float] = collections.deque()
+        self._num_restarts = 0
+        self._stopping = False  # shutdown has begun: no more restarts
+        self._closing = False  # the reader thread should exit
+        self._engine: _Engine | None = None
+        self._dead_reason: str | None = None
+        self._stats = EngineStats()
+        self._carried: dict[str, int] = {}  # counters of engine processes that are gone
+        atexit.register(self._kill_quietly)
+        self._engine = self._start_engine()  # raises the engine's own start-up error
+        self._init_from(self._engine.info)
+        self._reader = threading.Thread(target=self._read_forever, name="tureen-engine-reader", daemon=True)
+        self._reader.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, **kwargs: Any) -> "EngineCoreClient":
+        return cls(config, **kwargs)
+
+    def _init_from(self, info: EngineInfo) -> None:
+        from tureen.tokenizer import Tokenizer
+
+        self.info = info
+        self.model_name, self.max_model_len, self.is_demo_model = info.model_name, info.max_model_len, info.is_demo_model
+        self.tokenizer = Tokenizer.from_pretrained(info.checkpoint_dir, chat_template=self.config.model.chat_template)
+        self.processor = InputProcessor(self.tokenizer, InputLimits(info.vocab_size, info.max_model_len,
+                                                                    info.num_kv_blocks, info.block_size))
+        self._stats = EngineStats(num_blocks=info.num_kv_blocks, block_size=info.block_size,
+                                  heartbeat=time.monotonic())
+
+    # ---- EngineClient ----------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        max_tokens = self.processor.validate(prompt_token_ids, params)
+        if params.max_tokens is None:
+            params.max_tokens = max_tokens
+
+    async def check_structured_outputs(self, params: SamplingParams) -> None:
+        """Compile the constraint here, in a worker thread, so a bad one is a 400 before anything is queued.
+
+        The engine core compiles it again for its own matcher (cached there by the same key): a
+        compiled grammar holds native state that does not cross the process boundary.
+        """
+        if params.structured_outputs is not None:
+            await asyncio.to_thread(self._structured_checker().check, params.structured_outputs)
+
+    def _structured_checker(self) -> Any:
+        with self._checker_lock:
+            if self._checker is None:
+                from tureen.executor.structured import StructuredOutputManager
+
+                self._checker = StructuredOutputManager(self.config.structured_outputs, self.tokenizer,
+                                                        self.info.logits_size or self.info.vocab_size)
+            return self._checker
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str, *,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+        if not self._stats.is_alive:
+            raise EngineDeadError(f"the engine is not running ({self._dead_reason or 'restarting'}); retry shortly")
+        core = self.processor.process(request_id, prompt, params, priority=priority)
+        stream = OutputStream(coalesce=core.params.output_kind == RequestOutputKind.DELTA)
+        with self._lock:
+            if request_id in self._streams:
+                raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+            self._streams[request_id] = _Stream(asyncio.get_running_loop(), stream, core.prompt,
+                                                core.prompt_token_ids)
+        finished = False
+        try:
+            if not self._stats.is_alive:  # the engine failed between the check above and registering
+                raise EngineDeadError("the engine is restarting; retry shortly")
+            self._send(core)
+            while True:
+                item = await stream.get()  # raises the request's error
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            if not finished:  # the consumer left (disconnect, timeout): the engine frees its blocks next step
+                self._send(AbortRequests([request_id]))
+
+    async def abort(self, request_id: str) -> None:
+        self._send(AbortRequests([request_id]))
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    @property
+    def is_alive(self) -> bool:
+        """False once the engine is gone for good; a restart in progress still counts as alive."""
+        return self._dead_reason is None and not self._stopping
+
+    @property
+    def engine_pid(self) -> int | None:
+        engine = self._engine
+        return None if engine is None else engine.proc.pid
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Abort what is left, stop the engine process (killing it if it does not exit), release all."""
+        if self._stopping:
+            return
+        self._stopping = True
+        timeout = self.watchdog.shutdown_timeout if timeout is None else timeout
+        engine = self._engine
+        if engine is not None and engine.proc.poll() is None:
+            self._send(Shutdown())  # the engine aborts what is left and reports it before exiting
+            try:
+                engine.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                logger.warning("the engine process did not exit in %.0f s; killing it", timeout)
+        time.sleep(2 * POLL_S)  # let the reader deliver the engine's last outputs
+        self._closing = True
+        self._reader.join(timeout=2.0)
+        if engine is not None:
+            engine.kill()
+            engine.close()
+        self._fail_all(EngineDeadError("the server is shutting down"))
+        self._stats = replace(self._stats, is_alive=False)
+
+    # ---- sending -----------------------------------------------------------------------------
+    def _send(self, message: Any) -> None:
+        with self._send_lock:
+            engine = self._engine
+            if engine is not None:  # none while restarting: the watchdog fails those requests
+                engine.send(message)
+
+    # ---- reader thread: outputs and the watchdog ---------------------------------------------
+    def _read_forever(self) -> None:
+        while not self._closing:
+            try:
+                failure = self._read_once()
+            except Exception as exc:  # a broken channel is an engine failure, never a silent hang
+                if self._closing:
+                    return
+                logger.exception("the engine channel failed")
+                failure = f"the engine channel failed: {exc!r}"
+            if failure is not None and not self._stopping:
+                self._recover(failure)
+                if self._dead_reason is not None:
+                    return
+
+    def _read_once(self) -> str | None:
+        """Deliver one message, or check the engine when none came; returns a failure or None."""
+        engine = self._engine
+        message = engine.recv(POLL_S)
+        if message is not None:
+            self._on_message(message)
+            return None
+        return self._check(engine)
+
+    def _on_message(self, message: Any) -> None:
+        if not isinstance(message, StepOutputs):
+            return
+        self._stats = replace(message.stats, heartbeat=time.monotonic(), is_alive=True,
+                              engine_restarts=self._num_restarts, **self._counters(message.stats))
+        if message.outputs:
+            self._dispatch(message.outputs)
+
+    def _counters(self, stats: EngineStats) -> dict[str, int]:
+        """Cumulative counters that survive restarts and leave out the warm-up generations.
+
+        Each engine process counts from zero; what earlier processes counted is carried over, and
+        this process's counts at the end of its warm-up are subtracted (Prometheus counters must
+        never go backwards, and a warm-up is no client's traffic)."""
+        base = self._engine.baseline if self._engine is not None else {}
+        return {name: self._carried.get(name, 0) + getattr(stats, name) - base.get(name, 0) for name in COUNTERS}
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        """Hand one step's outputs to their event loops: one call per loop, not one per token."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[OutputStream, Any]]] = {}
+        with self._lock:
+            for out in outputs:
+                target = self._streams.get(out.request_id)
+                if target is not None:
+                    out.prompt, out.prompt_token_ids = target.prompt, target.prompt_token_ids
+                    item = out if out.error is None else EngineStepError(out.error)
+                    by_loop.setdefault(target.loop, []).append((target.queue, item))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that event loop is closed
+                pass
+
+    def _check(self, engine: _Engine) -> str | None:
+        code = engine.proc.poll()
+        if code is None and engine.closed:  # its end of the channel closed: it is exiting
+            try:
+                code = engine.proc.wait(self.watchdog.shutdown_timeout)
+            except subprocess.TimeoutExpired:
+                return "the engine process closed its channel"
+        if code is not None:
+            return f"the engine process exited with code {code}"
+        silent = time.monotonic() - engine.last_message
+        if silent > self.watchdog.stall_timeout:
+            return f"the engine sent nothing for {silent:.1f} s (watchdog limit {self.watchdog.stall_timeout:g} s)"
+        return None
+
+    def _recover(self, failure: str) -> None:
+        logger.error("%s: failing its in-flight requests and restarting it", failure)
+        self._stats = replace(self._stats, is_alive=False, num_running=0, num_waiting=0, kv_cache_usage=0.0)
+        self._carried = {name: getattr(self._stats, name) for name in COUNTERS}
+        self._retire_engine()
+        self._fail_all(EngineDeadError(f"the engine failed while serving this request ({failure}); retry it"))
+        while not self._stopping:
+            now = time.monotonic()
+            while self._restarts and now - self._restarts[0] > self.watchdog.restart_window:
+                self._restarts.popleft()
+            if len(self._restarts) >= self.watchdog.max_restarts:
+                self._dead_reason = (f"{len(self._restarts)} restarts within {self.watchdog.restart_window:g} s; "
+                                     "giving up")
+                logger.critical("the engine keeps failing (%s): staying unhealthy", self._dead_reason)
+                return
+            self._restarts.append(now)
+            self._num_restarts += 1
+            try:
+                engine = self._start_engine()
+            except Exception as exc:
+                logger.error("engine restart %d failed: %s", self._num_restarts, exc)
+                continue
+            with self._send_lock:
+                self._engine = engine
+            self._stats = replace(self._stats, is_alive=True, heartbeat=time.monotonic(),
+                                  engine_restarts=self._num_restarts)
+            logger.warning("the engine is back after restart %d (pid %d)", self._num_restarts, engine.proc.pid)
+            return
+
+    def _retire_engine(self) -> None:
+        with self._send_lock:
+            engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.kill()
+            engine.close()
+
+    def _fail_all(self, exc: BaseException) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[OutputStream, Any]]] = {}
+        with self._lock:
+            for target in self._streams.values():
+                by_loop.setdefault(target.loop, []).append((target.queue, exc))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:
+                pass
+
+    # ---- starting an engine process ----------------------------------------------------------
+    def _start_engine(self) -> _Engine:
+        """Spawn, wait for EngineReady, then warm up with a real generation; raises on failure."""
+        self._generation += 1
+        engine = _Engine(self.config, self.log_level)
+        try:
+            engine.info = self._await_ready(engine)
+            self._warm_up(engine)
+        except BaseException:
+            engine.kill()
+            engine.close()
+            raise
+        return engine
+
+    def _await_ready(self, engine: _Engine) -> EngineInfo:
+        deadline = time.monotonic() + self.watchdog.startup_timeout
+        while time.monotonic() < deadline:
+            message = engine.recv(POLL_S)
+            if isinstance(message, EngineReady):
+                return message.info
+            if isinstance(message, EngineFailed):
+                raise _STARTUP_ERRORS.get(message.kind, EngineDeadError)(message.message)
+            if engine.proc.poll() is not None:
+                raise EngineDeadError(f"the engine process exited with code {engine.proc.returncode} while starting")
+        raise EngineDeadError(f"the engine did not start within {self.watchdog.startup_timeout:g} s")
+
+    def _warm_up(self, engine: _Engine) -> None:
+        """A real greedy generation through the channel before the engine is reported healthy."""
+        from tureen.tokenizer import Tokenizer
+
+        tokenizer = getattr(self, "tokenizer", None) or Tokenizer.from_pretrained(
+            engine.info.checkpoint_dir, chat_template=self.config.model.chat_template)
+        ids = tokenizer.encode(WARMUP_PROMPT, add_special_tokens=False) or [0]
+        params = SamplingParams(temperature=0.0, max_tokens=WARMUP_TOKENS, ignore_eos=True,
+                                output_kind=RequestOutputKind.FINAL_ONLY, eos_token_ids=list(tokenizer.eos_token_ids))
+        request_id = f"warmup-{self._generation}"
+        engine.send(EngineCoreRequest(request_id, None, ids, params, 0, time.time()))
+        deadline = time.monotonic() + self.watchdog.startup_timeout
+        while time.monotonic() < deadline:
+            message = engine.recv(POLL_S)
+            if isinstance(message, StepOutputs):
+                for out in message.outputs:
+                    if out.request_id == request_id and out.finished:
+                        if out.error is not None or not out.outputs or not out.outputs[0].token_ids:
+                            raise EngineDeadError(f"the engine's warm-up generation failed: {out.error}")
+                        engine.baseline = {name: getattr(message.stats, name) for name in COUNTERS}
+                        return
+            if engine.proc.poll() is not None:
+                raise EngineDeadError(f"the engine process exited with code {engine.proc.returncode} in warm-up")
+        raise EngineDeadError("the engine's warm-up generation did not finish in time")
+
+    def _kill_quietly(self) -> None:
+        engine = self._engine
+        if engine is not None and engine.proc.poll() is None:
+            engine.proc.kill()
+
+
+def _put_all(items: list[tuple[OutputStream, Any]]) -> None:
+    for stream, item in items:
+        stream.put_nowait(item)
