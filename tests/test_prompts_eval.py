@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -87,24 +88,63 @@ def test_equals_recorded_from_one_version_gates_the_next(tmp_path, env):
     assert yaml.safe_load(_tags(root))["support"]["stable"] == "v2"
 
 
-def test_a_p95_latency_regression_is_refused(tmp_path, env):
+class _Paced(BaseHTTPRequestHandler):
+    """A scripted model whose latency is exactly ``max_tokens`` times PER_TOKEN_S: no engine timing to flake."""
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        n = int(body["max_tokens"])
+        time.sleep(PER_TOKEN_S * n)
+        data = json.dumps({"id": "chatcmpl-paced", "object": "chat.completion", "created": 0, "model": MODEL,
+                           "choices": [{"index": 0, "message": {"role": "assistant", "content": "x" * n},
+                                        "finish_reason": "length"}],
+                           "usage": {"prompt_tokens": 4, "completion_tokens": n, "total_tokens": 4 + n}})
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.end_headers()
+        self.wfile.write(data.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+PER_TOKEN_S = 0.01
+
+
+def _serve(handler) -> tuple[ThreadingHTTPServer, str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+@pytest.fixture
+def paced(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    server, url = _serve(_Paced)
+    try:
+        yield url
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_p95_latency_regression_is_refused(tmp_path, paced):
+    # 1 token (10 ms) against 120 (1.2 s): far past the default 50% growth and 50 ms slack, on any machine
     root = make_repo(tmp_path)
     write_prompt(root, "fast", {"v1": "Be brief, {{ who }}.", "v2": "Be brief, {{ who }}."},
                  models={"v1": [MODEL], "v2": [MODEL]}, variables={"who": {"type": "string"}},
-                 # no absolute slack: 120 tokens against 1 is a growth far past 50% however fast the engine is,
-                 # but on a fast one it can be under the default 50 ms
-                 evals={**_cases([NEVER]), "latency_slack_ms": 0}, v1_spec={"config": {"max_tokens": 1}},
-                 v2_spec={"config": {"max_tokens": 120, "ignore_eos": True}})
+                 evals=_cases([NEVER]), v1_spec={"config": {"max_tokens": 1}},
+                 v2_spec={"config": {"max_tokens": 120}})
     write_tags(root, {"fast": {"stable": "v1"}})
     commit_all(root)
     tags_before = _tags(root)
-    assert prompts(root, "promote", "fast", "v2", "--to", "stable", "--base-url", env.url) == 1
+    assert prompts(root, "promote", "fast", "v2", "--to", "stable", "--base-url", paced) == 1
     assert _tags(root) == tags_before
     gate = json.loads((root / "fast/evals/results/fast-v2.json").read_text())["gate"]
     assert gate["passed"] is False and any("p95 latency" in r for r in gate["reasons"])
     # the same candidate passes when the growth allowed is huge: only latency refused it
     assert prompts(root, "promote", "fast", "v2", "--to", "canary", "--canary-weight", "10", "--base-url",
-                   env.url, "--max-latency-growth", "1000000") == 0
+                   paced, "--max-latency-growth", "1000000") == 0
     assert yaml.safe_load(_tags(root))["fast"] == {"stable": "v1", "canary": "v2", "canary_weight": 10.0}
 
 
@@ -125,11 +165,9 @@ class _Judge(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def judge():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server, url = _serve(_Judge)
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+        yield url + "/v1"
     finally:
         server.shutdown()
         server.server_close()
