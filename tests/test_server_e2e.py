@@ -389,13 +389,18 @@ def _finish_reasons(events: list[str]) -> list[str]:
     return [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
 
 
+DRAIN_TOKENS = 480  # the tiny checkpoint has 512 positions
+
+
 @pytest.mark.parametrize("timeout,expect", [("60", "length"), ("0.3", "abort")])
 def test_sigterm_drains_in_flight_refuses_new_and_exits_zero(llama_dir, tmp_path, timeout, expect):
     s = ServerProcess(llama_dir, tmp_path / "drain.log", "--max-num-seqs", "1", "--shutdown-timeout",
                       timeout, name=NAME, key=KEY).wait_healthy()
     try:
         results: list = []
-        body = {"prompt": "the", "max_tokens": 100, "ignore_eos": True, "stream": True,
+        # 480 tokens take ~0.8 s on the tiny model: the first request alone outlasts the 0.3 s timeout (at 100
+        # tokens all three could finish within it on a fast machine, and nothing was aborted)
+        body = {"prompt": "the", "max_tokens": DRAIN_TOKENS, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True}}
         threads = [_stream_in_thread(s.url, body, results) for _ in range(3)]
         deadline = time.time() + 10
@@ -417,9 +422,10 @@ def test_sigterm_drains_in_flight_refuses_new_and_exits_zero(llama_dir, tmp_path
         assert all(events[-1] == "[DONE]" and len(r) == 1 for events, r in zip(results, reasons))
         usage = [json.loads(events[-2])["usage"]["completion_tokens"] for events in results]
         if expect == "length":  # every in-flight request ran to the end
-            assert reasons == [["length"]] * 3 and usage == [100] * 3
+            assert reasons == [["length"]] * 3 and usage == [DRAIN_TOKENS] * 3
         else:  # the ones still running or waiting at the deadline were aborted, and said so
-            assert ["abort"] in reasons and all(u < 100 for r, u in zip(reasons, usage) if r == ["abort"])
+            assert ["abort"] in reasons and all(u < DRAIN_TOKENS for r, u in zip(reasons, usage)
+                                                   if r == ["abort"])
         assert "aborting" in s.log_text() if expect == "abort" else "drained" in s.log_text()
     finally:
         s.stop()
