@@ -54,24 +54,38 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
 
 
 class _FrameReader:
-    """Splits a byte stream into frames."""
+    """Splits a byte stream into frames.
+
+    ``feed`` returns views into ``data`` where it can (whole frames in a read that starts on a frame
+    boundary, the usual case), so they are valid only until the next read: decode them at once.
+    """
 
     def __init__(self) -> None:
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> list[bytes]:
-        buffer = self._buffer
-        buffer += data
-        frames, start = [], 0
-        while len(buffer) - start >= _HEADER.size:
-            (size,) = _HEADER.unpack_from(buffer, start)
-            end = start + _HEADER.size + size
-            if end > len(buffer):
-                break
-            frames.append(bytes(buffer[start + _HEADER.size:end]))
-            start = end
-        del buffer[:start]
+    def feed(self, data: memoryview | bytes) -> list[memoryview | bytes]:
+        if self._buffer:  # a frame was split across reads: join, then split what is complete
+            self._buffer += data
+            frames, used = _split(bytes(self._buffer))  # bytes: the buffer shrinks next, under no view
+            del self._buffer[:used]
+            return frames
+        frames, used = _split(data)
+        if used < len(data):
+            self._buffer += data[used:]
         return frames
+
+
+def _split(data: memoryview | bytes) -> tuple[list, int]:
+    """The whole frames at the start of ``data`` (slices of it), and how many bytes they span."""
+    frames, start, total = [], 0, len(data)
+    while total - start >= _HEADER.size:
+        (size,) = _HEADER.unpack_from(data, start)
+        end = start + _HEADER.size + size
+        if end > total:
+            break
+        frames.append(data[start + _HEADER.size:end])
+        start = end
+    return frames, start
 
 
 def frame(message: Any) -> bytes:
@@ -95,6 +109,8 @@ class _Channel:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._reader = _FrameReader()
+        # recv_into one buffer: a fresh 1 MiB recv() per message is an mmap, mremap and munmap each time
+        self._read_buffer = memoryview(bytearray(_READ_SIZE))
 
     def receive(self, timeout_s: float) -> list[Any]:
         """The messages that arrived within ``timeout_s`` (possibly none); raises ChannelClosed on EOF."""
@@ -102,14 +118,14 @@ class _Channel:
         if not readable:
             return []
         try:
-            data = self.sock.recv(_READ_SIZE)
+            size = self.sock.recv_into(self._read_buffer)
         except BlockingIOError:
             return []
         except OSError as exc:
             raise ChannelClosed(f"the engine channel failed: {exc}") from exc
-        if not data:
+        if not size:
             raise ChannelClosed("the other process closed the engine channel")
-        return [decode(f) for f in self._reader.feed(data)]
+        return [decode(f) for f in self._reader.feed(self._read_buffer[:size])]
 
     def _wait(self, timeout_s: float) -> bool:
         return bool(_poll(self.sock, select.POLLIN, timeout_s))
