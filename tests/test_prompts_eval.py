@@ -1,7 +1,9 @@
-"""The eval gate against a real ``tureen serve`` on a tiny checkpoint, at temperature 0."""
+"""The eval gate against a real ``tureen serve`` on a tiny checkpoint, at temperature 0; the latency gate and the
+judge against scripted models."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -88,17 +90,14 @@ def test_equals_recorded_from_one_version_gates_the_next(tmp_path, env):
     assert yaml.safe_load(_tags(root))["support"]["stable"] == "v2"
 
 
-class _Paced(BaseHTTPRequestHandler):
-    """A scripted model whose latency is exactly ``max_tokens`` times PER_TOKEN_S: no engine timing to flake."""
+class _ScriptedModel(BaseHTTPRequestHandler):
+    """A chat completions endpoint whose answer ``answer(body)`` scripts."""
+
+    def answer(self, body: dict) -> dict:
+        raise NotImplementedError
 
     def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-        n = int(body["max_tokens"])
-        time.sleep(PER_TOKEN_S * n)
-        data = json.dumps({"id": "chatcmpl-paced", "object": "chat.completion", "created": 0, "model": MODEL,
-                           "choices": [{"index": 0, "message": {"role": "assistant", "content": "x" * n},
-                                        "finish_reason": "length"}],
-                           "usage": {"prompt_tokens": 4, "completion_tokens": n, "total_tokens": 4 + n}})
+        data = json.dumps(self.answer(json.loads(self.rfile.read(int(self.headers["content-length"])))))
         self.send_response(200)
         self.send_header("content-type", "application/json")
         self.end_headers()
@@ -108,24 +107,37 @@ class _Paced(BaseHTTPRequestHandler):
         pass
 
 
+@contextlib.contextmanager
+def _serving(handler: type[_ScriptedModel]):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 PER_TOKEN_S = 0.01
 
 
-def _serve(handler) -> tuple[ThreadingHTTPServer, str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}"
+class _Paced(_ScriptedModel):
+    """A model whose latency is exactly ``max_tokens`` times PER_TOKEN_S: no engine timing to flake."""
+
+    def answer(self, body: dict) -> dict:
+        n = int(body["max_tokens"])
+        time.sleep(PER_TOKEN_S * n)
+        return {"id": "chatcmpl-paced", "object": "chat.completion", "created": 0, "model": MODEL,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "x" * n},
+                             "finish_reason": "length"}],
+                "usage": {"prompt_tokens": 4, "completion_tokens": n, "total_tokens": 4 + n}}
 
 
 @pytest.fixture
 def paced(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    server, url = _serve(_Paced)
-    try:
+    with _serving(_Paced) as url:
         yield url
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_a_p95_latency_regression_is_refused(tmp_path, paced):
@@ -148,29 +160,17 @@ def test_a_p95_latency_regression_is_refused(tmp_path, paced):
     assert yaml.safe_load(_tags(root))["fast"] == {"stable": "v1", "canary": "v2", "canary_weight": 10.0}
 
 
-class _Judge(BaseHTTPRequestHandler):
-    def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+class _Judge(_ScriptedModel):
+    def answer(self, body: dict) -> dict:
         verdict = "PASS-ME" in body["messages"][-1]["content"]
         content = json.dumps({"pass": verdict, "score": float(verdict), "reason": "fake judge"})
-        data = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]})
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.end_headers()
-        self.wfile.write(data.encode())
-
-    def log_message(self, *args):
-        pass
+        return {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
 
 
 @pytest.fixture
 def judge():
-    server, url = _serve(_Judge)
-    try:
+    with _serving(_Judge) as url:
         yield url + "/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_llm_rubric_asks_the_judge(tmp_path, env, judge):
