@@ -98,6 +98,7 @@ class Decision:
     retry_after_s: float | None = None  # None: waiting will not help (a budget that never resets)
     windows: Sequence[WindowState] = ()
     spend: Sequence[float] = ()  # the current period's spend of each budget, as checked
+    slots: Sequence[int] = ()  # requests holding a slot of each slot set after this decision
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,7 @@ end
 # ARGV: now_ms|'', request_id, n_windows, n_slots, n_budgets,
 #       per window: limit, window_ms, cost, enforce; per slot set: limit, lease_ms; per budget: max_budget
 # -> {admitted, refused_index (1-based over windows, slots, budgets; 0 = none), retry_ms (-1 = never),
-#     per window: used, reset_ms; per budget: spend (string)}
+#     per window: used, reset_ms; per budget: spend (string); per slot set: requests holding a slot}
 ADMIT_LUA = _LUA_COMMON + """
 local now = now_ms()
 local id = ARGV[2]
@@ -261,6 +262,7 @@ if refused == 0 then
   end
 end
 for i = 1, nb do table.insert(out, spends[i]) end
+for i = 1, ns do table.insert(out, redis.call('ZCARD', KEYS[2 * nw + i])) end
 return out
 """
 
@@ -352,11 +354,13 @@ def _decision(admission: Admission, raw: list) -> Decision:
     admitted, refused, retry_ms = int(raw[0]), int(raw[1]), int(raw[2])
     nw = len(admission.windows)
     states = [WindowState(int(raw[3 + 2 * i]), max(0, int(raw[4 + 2 * i])) / 1000) for i in range(nw)]
-    spends = [float(v) for v in raw[3 + 2 * nw:]]
+    nb = len(admission.budgets)
+    spends = [float(v) for v in raw[3 + 2 * nw:3 + 2 * nw + nb]]
+    held = [int(v) for v in raw[3 + 2 * nw + nb:]]
     limits = [*admission.windows, *admission.slots, *admission.budgets]
     refused_by = limits[refused - 1] if refused else None
     retry = None if retry_ms < 0 else max(0, retry_ms) / 1000
-    return Decision(bool(admitted), refused_by, retry if refused else None, states, spends)
+    return Decision(bool(admitted), refused_by, retry if refused else None, states, spends, held)
 
 
 # ----------------------------------------------------------------------------- Redis
@@ -659,7 +663,8 @@ class MemoryStore:
                 self._slots[s.name][admission.request_id] = now + s.lease_s
         states = [WindowState(log.total, log.reset_s(w.window_s, now)) for w, log in zip(admission.windows, logs)]
         spends = [self._spend_now(b.name, now) for b in admission.budgets]
-        return Decision(refused_by is None, refused_by, retry, states, spends)
+        held = [len(self._slots.get(s.name, {})) for s in admission.slots]
+        return Decision(refused_by is None, refused_by, retry, states, spends, held)
 
     async def settle(self, settlement: Settlement) -> None:
         now = self._clock()
