@@ -101,6 +101,10 @@ class PolicyMetrics:
         self.redis_up = Gauge("tureen_gateway_redis_up", "1 while the policy store answers, 0 during an outage",
                               registry=registry)
         self.redis_up.set(1)
+        self.admitted_ahead = Counter(
+            "tureen_gateway_admitted_ahead", "Requests sent on before Redis admitted them (admit_ahead), by what Redis "
+            "then said: confirmed, refused (a limit exceeded by other replicas' traffic) or unconfirmed (Redis failed)",
+            ["outcome"], registry=registry)
         self.fail_open = Counter("tureen_gateway_redis_fail_open_requests",
                                  "Requests served without limits because Redis was unreachable (fail_open)",
                                  registry=registry)

@@ -275,6 +275,13 @@ class CacheSaltSettings(Section):
         return resolve_secret(value)
 
 
+class AdmitAheadSettings(Section):
+    enabled: bool = Field(True, description="admit a key far from its limits before Redis answers (gateway/admit_ahead.py); "
+                                            "never with redis_failure_mode: fail_closed")
+    headroom: float = Field(0.5, gt=0, le=1, description="only while every limit would stay within this share")
+    max_age_s: float = Field(1.0, gt=0, description="only when Redis admitted the same limits this recently")
+
+
 class TureenSettings(Section):
     require_virtual_keys: bool | None = Field(None, description="default: true when a master_key is set")
     redis_failure_mode: Literal["fail_open", "fail_closed"] = "fail_open"
@@ -298,6 +305,7 @@ class TureenSettings(Section):
     parallel_lease_s: float = Field(60.0, gt=0, description="a parallel-request slot is leased for this long and "
                                     "renewed while the request runs, so a crashed gateway frees its slots")
     drain_timeout_s: float = Field(30.0, ge=0, description="SIGTERM: wait this long for in-flight requests")
+    admit_ahead: AdmitAheadSettings = Field(default_factory=AdmitAheadSettings)
     max_connections: int = Field(1000, ge=1, description="pooled connections to all upstreams together")
     prompts: PromptRegistrySettings = Field(default_factory=PromptRegistrySettings)
     cache_salt: CacheSaltSettings = Field(default_factory=CacheSaltSettings)

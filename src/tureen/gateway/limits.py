@@ -35,6 +35,7 @@ from typing import Protocol
 from starlette.responses import Response
 
 from tureen.gateway.accounting import EveryLog, PolicyMetrics
+from tureen.gateway.admit_ahead import Ahead, AdmitAhead
 from tureen.gateway.config import GatewayConfig, KeyLimits, parse_duration
 from tureen.gateway.keys import KeyPrincipal, spend_name, unavailable
 from tureen.gateway.pipeline import RequestContext
@@ -87,6 +88,7 @@ class Admitted:
     token_windows: list[Window]  # the windows whose cost is corrected with the real usage
     charges: list[tuple[str, float | None]]  # (spend name, budget period) to add the cost to
     settled: bool = False
+    confirming: asyncio.Task | None = None  # admitted ahead: Redis' own admission, running beside the request
 
 
 @dataclass
@@ -150,9 +152,10 @@ class LimitsStep:
     name = "limits"
 
     def __init__(self, store: PolicyStore, config: GatewayConfig, counters: TokenCounters,
-                 metrics: PolicyMetrics) -> None:
+                 metrics: PolicyMetrics, ahead: AdmitAhead | None = None) -> None:
         settings = config.tureen_settings
         self.store = store
+        self.ahead = ahead  # None: every admission waits for the store
         self.counters = counters
         self.metrics = metrics
         self.failure_mode = FAILURE_MODES[settings.redis_failure_mode](metrics)
@@ -181,13 +184,19 @@ class LimitsStep:
         admission = Admission(ctx.request_id, plan.windows, plan.slots, plan.budgets)
         if not (plan.windows or plan.slots or plan.budgets):
             return None
+        ahead = self.ahead.try_ahead(admission) if self.ahead is not None else None
+        if ahead is not None:
+            return self._admit_ahead(ctx, plan, admission, ahead)
         try:
             decision = await self.store.admit(admission)
         except StoreUnavailable:
+            if self.ahead is not None:
+                self.ahead.forget_all()
             return self.failure_mode.on_outage()
+        if self.ahead is not None:
+            self.ahead.learn(admission, decision)
         if decision.admitted:  # recorded at once: whatever happens next, the slot is renewed and settled
-            token_windows = [w for w, (_, t) in zip(plan.windows, plan.kinds) if t in ("tpm", "token_budget")]
-            ctx.state[self.name] = Admitted(admission, token_windows, plan.charges)
+            ctx.state[self.name] = Admitted(admission, self._token_windows(plan), plan.charges)
             if plan.slots:
                 self._hold(ctx.request_id, plan.slots)
         try:
@@ -199,6 +208,40 @@ class LimitsStep:
             await self._settle(ctx)
             raise
         return None
+
+    def _admit_ahead(self, ctx: RequestContext, plan: _Plan, admission: Admission, ahead: Ahead) -> Response | None:
+        """Send the request on now; Redis admits it beside it (``admit_ahead.py``), and ``after`` waits for that."""
+        admitted = Admitted(admission, self._token_windows(plan), plan.charges)
+        admitted.confirming = asyncio.get_running_loop().create_task(self._confirm(admitted, plan, ahead, ctx))
+        ctx.state[self.name] = admitted
+        ctx.response_headers.update(self._headers(plan, ahead.decision))
+        return None
+
+    async def _confirm(self, admitted: Admitted, plan: _Plan, ahead: Ahead, ctx: RequestContext) -> Decision | None:
+        """Redis' decision on a request admitted ahead; None when Redis failed (it recorded nothing)."""
+        assert self.ahead is not None
+        try:
+            decision = await self.store.admit(admitted.admission)
+        except StoreUnavailable:
+            self.ahead.forget_all()
+            self.metrics.admitted_ahead.labels("unconfirmed").inc()
+            return None
+        finally:
+            self.ahead.confirmed(ahead)
+        self.ahead.learn(admitted.admission, decision)
+        if not decision.admitted:  # other replicas used the headroom up: the limit is exceeded by this request
+            self.metrics.admitted_ahead.labels("refused").inc()
+            return decision
+        self.metrics.admitted_ahead.labels("confirmed").inc()
+        if plan.slots and not admitted.settled:
+            self._hold(admitted.admission.request_id, plan.slots)
+        if isinstance(ctx.principal, KeyPrincipal):
+            self._watch_budget(plan, decision, ctx.principal)
+        return decision
+
+    @staticmethod
+    def _token_windows(plan: _Plan) -> list[Window]:
+        return [w for w, (_, t) in zip(plan.windows, plan.kinds) if t in ("tpm", "token_budget")]
 
     def _scopes(self, principal: KeyPrincipal) -> list[Scope]:
         scopes = [Scope("key", principal.record.token, principal.record)]
@@ -311,11 +354,16 @@ class LimitsStep:
         if admitted is None or admitted.settled:
             return
         admitted.settled = True
+        if admitted.confirming is not None:  # settle after Redis' admission; when it recorded nothing (refused,
+            await asyncio.shield(admitted.confirming)  # or failed) the script skips the absent entries
         self._release(ctx.request_id)
         real = _real_tokens(ctx)
         windows = [(w, real) for w in admitted.token_windows] if real is not None else []
         cost = float(ctx.cost or 0.0)
         charges = [SpendCharge(name, cost, period) for name, period in admitted.charges]
+        if self.ahead is not None:
+            for charge in charges:
+                self.ahead.charged(charge.name, charge.cost)
         try:
             await self.store.settle(Settlement(ctx.request_id, windows, admitted.admission.slots, charges))
         except StoreUnavailable:

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.responses import JSONResponse, Response
 
 from tureen.gateway.accounting import PolicyMetrics
+from tureen.gateway.admit_ahead import AdmitAhead
 from tureen.gateway.config import GatewayConfig
 from tureen.gateway.keys import (
     AuthStep,
@@ -64,7 +65,7 @@ class Policy:
         self.metrics = metrics
         self.keys = KeyService(store, config, metrics)
         self.auth = AuthStep(self.keys, config, metrics)
-        self.limits = LimitsStep(store, config, counters, metrics)
+        self.limits = LimitsStep(store, config, counters, metrics, _admit_ahead(config, store))
         self.steps: list[Step] = [self.auth, self.limits]
         self.admin_router = admin_router(self)
 
@@ -93,6 +94,15 @@ async def build_policy(config: GatewayConfig, registry: CollectorRegistry, *,
                        settings.redis_failure_mode)
     counters = TokenCounters.from_config(config)
     return Policy(config, store, metrics, counters)
+
+
+def _admit_ahead(config: GatewayConfig, store: PolicyStore) -> AdmitAhead | None:
+    """Only in front of Redis (an in-process store answers at once), and never when an outage must refuse."""
+    settings = config.tureen_settings
+    ahead = settings.admit_ahead
+    if not ahead.enabled or settings.redis_failure_mode == "fail_closed" or not isinstance(store, RedisStore):
+        return None
+    return AdmitAhead(ahead.headroom, ahead.max_age_s)
 
 
 def _store(config: GatewayConfig, metrics: PolicyMetrics) -> PolicyStore:
