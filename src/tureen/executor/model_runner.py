@@ -165,6 +165,21 @@ class ModelRunner:
             self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         self._build_decode_stack()
 
+    def share_kv_cache(self, owner: "ModelRunner") -> None:
+        """Use ``owner``'s KV cache tensors instead of allocating any: a self-draft (the same model,
+        quantized) reads the target's cache for the verified context and writes its drafted tokens'
+        K/V into lookahead slots that the target's verification pass overwrites."""
+        if (owner.num_layers, owner.num_kv_heads, owner.head_dim, owner.kv_dtype, owner.block_size) != (
+                self.num_layers, self.num_kv_heads, self.head_dim, self.kv_dtype, self.block_size):
+            raise ConfigError("a shared KV cache needs the same layers, KV heads, head size, dtype and block size")
+        if not owner.kv_caches:
+            raise RuntimeError("the owner's KV cache is not allocated yet")
+        self.kv_caches = owner.kv_caches
+        if self.kv_quantized:
+            self.decode_stack = None  # the native stack reads float32 caches only
+        else:
+            self._build_decode_stack()
+
     def _build_decode_stack(self) -> None:
         """The native decode path over the caches just allocated (None: decode runs layer by layer)."""
         self.decode_stack = (NativeDecodeStack.build(self.model, self.kv_caches, self.cpu_ops, self.block_size)
