@@ -195,6 +195,59 @@ def test_with_requests_arriving_mid_decode(method, llama_dir, checkpoint_factory
     check(llm, llama_dir, prompts, [done[f"r{i}"] for i in range(5)], lengths)
 
 
+# ---- the self-draft drafts in the target's own KV cache ----------------------------------------
+def test_the_self_draft_shares_the_targets_kv_cache_and_never_prefills(llama_dir):
+    llm = make_llm(llama_dir, SELF_INT8)
+    engine = llm.llm_engine
+    draft = engine.speculator.proposer.runner
+    assert draft.kv_caches is engine.runner.kv_caches, "no second cache: the draft reads the target's"
+    prompts = prompts_for(llm.get_tokenizer(), 3, seed=5, lo=20, hi=40)
+    calls = []
+    real = draft.compute_sample_logits
+    draft.compute_sample_logits = lambda sched: calls.append([r.num_tokens for r in sched.requests]) or real(sched)
+    outs = llm.generate(prompts, greedy(24))
+    check(llm, llama_dir, prompts, outs, [24] * 3)
+    assert calls and all(n == 1 for step in calls for n in step), "one token per request per draft pass"
+    stats = engine.scheduler.spec_stats
+    assert stats.num_accepted_tokens > stats.num_draft_tokens // 2
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8"])
+def test_the_self_draft_on_a_quantized_kv_cache_changes_no_token(llama_dir, kv_cache_dtype):
+    prompts = prompts_for(make_llm(llama_dir).get_tokenizer(), 3, seed=6)
+    plain = make_llm(llama_dir, kv_cache_dtype=kv_cache_dtype).generate(prompts, greedy(20))
+    llm = make_llm(llama_dir, SELF_INT8, kv_cache_dtype=kv_cache_dtype)
+    outs = llm.generate(prompts, greedy(20))
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in plain]
+    assert llm.llm_engine.scheduler.spec_stats.num_accepted_tokens > 0
+    kv = llm.llm_engine.scheduler.kv
+    assert kv.pool.num_free == kv.num_blocks
+
+
+def test_self_drafts_leave_a_free_block_per_request_in_the_pool(llama_dir):
+    """Drafting reserves lookahead slots on the target's pool, but never its last free blocks:
+    each speculating request's next token keeps a block to go to, so drafts never push anyone out."""
+    llm = make_llm(llama_dir, SELF_INT8, num_gpu_blocks_override=32, block_size=4)
+    engine, kv = llm.llm_engine, llm.llm_engine.scheduler.kv
+    ids = prompts_for(llm.get_tokenizer(), 1, seed=7, lo=11, hi=11)[0]
+    engine.add_request("r", ids, greedy(20))
+    engine.step()  # the prefill; then 3 drafts at positions 11..13, the last in a new block
+    (req,) = engine.scheduler.running
+    assert len(req.spec_token_ids) == 3 and len(req.block_ids) == 4
+    req.clear_spec()
+    kv.rollback(req)
+    hog = kv.pool.allocate(kv.pool.num_free - 1)  # one free block left, one request running
+    engine.speculator.propose(engine.scheduler.running)
+    assert req.spec_token_ids == [] and len(req.block_ids) == 3, "the last free block stays free"
+    kv.pool.release(hog)
+    engine.speculator.propose(engine.scheduler.running)
+    assert len(req.spec_token_ids) == 3
+    out = {}
+    while engine.has_unfinished_requests():
+        out.update({o.request_id: o for o in engine.step() if o.finished})
+    check(llm, llama_dir, [ids], [out["r"]], [20])
+
+
 def test_stops_inside_an_accepted_run_end_the_output_where_decoding_would(llama_dir, checkpoint_factory):
     base = make_llm(llama_dir)
     ids = prompts_for(base.get_tokenizer(), 1, lo=20, hi=20)[0]

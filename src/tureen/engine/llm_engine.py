@@ -121,8 +121,10 @@ class LLMEngine:
             return None
 
         def load_draft():
-            from tureen.executor.spec_decode.draft import DraftModelProposer  # torch lives behind this import
+            from tureen.executor.spec_decode.draft import DraftModelProposer, SelfDraftProposer  # torch
 
+            if spec.is_self_draft:
+                return SelfDraftProposer.load(self.config, spec, self.checkpoint_dir, self.runner, self.scheduler.kv)
             return DraftModelProposer.load(self.config, spec, self.checkpoint_dir, self.tokenizer,
                                            self.runner.vocab_size, self.num_kv_blocks)
 

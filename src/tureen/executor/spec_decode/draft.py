@@ -1,7 +1,9 @@
-"""The draft-model proposer: a second, smaller model (or the target's own weights, quantized)
-drafts k tokens per request, autoregressively, with its own paged KV cache.
+"""The draft-model proposers: a draft drafts k tokens per request, autoregressively.
 
-Each request has a *shadow* ``Request`` on the draft's side: the target's tokens plus the
+``DraftModelProposer`` runs a second, smaller checkpoint with its own paged KV cache;
+``SelfDraftProposer`` runs the target's own weights, quantized, in the target's KV cache.
+
+For a separate draft, each request has a *shadow* ``Request`` on the draft's side: the target's tokens plus the
 drafts so far, with its own block table in the draft's ``KVCacheManager`` (no prefix caching).
 Before drafting, the shadow's computed count moves back to the longest prefix it shares with
 the target's tokens (rejected drafts are forgotten, their blocks returned), then one batched
@@ -46,13 +48,13 @@ class DraftModelProposer:
     @classmethod
     def load(cls, config: EngineConfig, spec: SpeculativeConfig, target_dir: Path, tokenizer: Tokenizer,
              target_vocab_size: int, num_blocks: int) -> DraftModelProposer:
-        """Load the draft (checking it shares the target's vocabulary) with as many KV blocks as the target."""
+        """Load the draft checkpoint (checking it shares the target's vocabulary) with as many KV
+        blocks as the target (a shadow holds as many tokens as its request)."""
         from tureen.executor.loader import resolve_checkpoint
         from tureen.executor.model_runner import ModelRunner
 
-        draft_dir = Path(target_dir) if spec.is_self_draft else resolve_checkpoint(spec.model)
-        if not spec.is_self_draft:
-            check_same_vocabulary(tokenizer, Tokenizer.from_pretrained(draft_dir), spec.model)
+        draft_dir = resolve_checkpoint(spec.model)
+        check_same_vocabulary(tokenizer, Tokenizer.from_pretrained(draft_dir), spec.model)
         draft_config = dataclasses.replace(
             config, model=dataclasses.replace(config.model, model=str(draft_dir), quantization=spec.quantization,
                                               quantize_lm_head=quantizes_lm_head(spec, draft_dir),
@@ -93,16 +95,7 @@ class DraftModelProposer:
                 probs[req.req_id].append(None if q is None else q[i])
         for req in reqs:
             req.spec_token_ids = drafts[req.req_id]
-            req.draft_probs = self._stack(drafts[req.req_id], probs[req.req_id])
-
-    def _stack(self, tokens: list[int], rows: list[torch.Tensor | None]) -> torch.Tensor | None:
-        """(k, V) draft distributions, or None when every draft was a greedy argmax (point masses).
-        An argmax step among sampled ones (min_tokens just reached) is a one-hot row: its point mass."""
-        if all(row is None for row in rows):
-            return None
-        vocab = self.runner.vocab_size
-        return torch.stack([torch.nn.functional.one_hot(torch.tensor(t), vocab).float() if row is None else row
-                            for t, row in zip(tokens, rows)])
+            req.draft_probs = stack_draft_probs(drafts[req.req_id], probs[req.req_id], self.runner.vocab_size)
 
     def release(self, req_id: str) -> None:
         shadow = self.shadows.pop(req_id, None)
@@ -136,30 +129,120 @@ class DraftModelProposer:
 
     def _draft_step(self, pairs: list[tuple[Request, Request]], drafts: dict[str, list[int]],
                     step: int) -> tuple[list[int], torch.Tensor | None]:
-        """One batched draft forward pass: a token per request and the (B, V) distributions they
-        were drawn from (None: greedy argmax drafts, which the rejection sampler reads as point masses)."""
-        sched = SchedulerOutput()
-        for req, sh in pairs:
-            start = sh.num_computed_tokens
-            seed = req.step_seed(step)
-            sched.requests.append(ScheduledRequest(
-                req_id=req.req_id, token_ids=sh.all_token_ids[start:], start_pos=start, block_ids=sh.block_ids,
-                sample=True, sampling_params=req.sampling_params, prompt_token_ids=req.prompt_token_ids,
-                output_token_ids=req.output_token_ids + drafts[req.req_id],
-                step_seed=None if seed is None else (seed ^ _DRAFT_SALT) & _SEED_MASK))
-            sched.num_batched_tokens += sched.requests[-1].num_tokens
-        logits, rows = self.runner.compute_sample_logits(sched)  # (B, V)
-        if plain_greedy(rows, None):  # argmax drafts: point masses say the same to the rejection sampler
-            return logits.argmax(dim=-1).tolist(), None
-        meta = SamplingMetadata.from_requests(rows, self.runner.vocab_size, self.runner.device)
-        q = self.sampler.probs(logits, meta)  # (B, V); one-hot on greedy rows
-        if meta.all_greedy:
-            tokens = q.argmax(dim=-1)
-        else:
-            tokens = exponential_race(q, meta.seeds, meta.any_unseeded_random)
-            if meta.greedy is not None:
-                tokens = torch.where(meta.greedy, q.argmax(dim=-1), tokens)
-        return tokens.tolist(), q
+        rows = [(req, sh.all_token_ids[sh.num_computed_tokens:], sh.num_computed_tokens, sh.block_ids)
+                for req, sh in pairs]
+        return draft_pass(self.runner, self.sampler, rows, drafts, step)
+
+
+class SelfDraftProposer:
+    """The target's own weights, quantized, drafting in the target's own KV cache.
+
+    The draft shares the target's layers, heads and cache layout, so it needs no cache of its own
+    and never prefills: the K/V of every verified token is already in the target's cache, exact.
+    Each draft pass computes one token per request, at the request's first uncomputed position,
+    in lookahead slots reserved on the target's block manager. Its K/V there is scratch: the
+    verification pass writes the target's own K/V over every drafted position before it attends,
+    and the computed count only moves over positions the target wrote, so the cache below it stays
+    exactly the target's.
+    """
+
+    def __init__(self, runner, kv: KVCacheManager) -> None:
+        self.runner = runner  # a ModelRunner over the quantized weights, sharing the target's KV cache
+        self.kv = kv  # the target's block manager
+        self.sampler = Sampler()
+
+    @classmethod
+    def load(cls, config: EngineConfig, spec: SpeculativeConfig, target_dir: Path, target,
+             kv: KVCacheManager) -> SelfDraftProposer:
+        """Quantize the target's checkpoint again as the draft and point it at ``target``'s KV cache."""
+        from tureen.executor.model_runner import ModelRunner
+
+        draft_config = dataclasses.replace(
+            config, model=dataclasses.replace(config.model, quantization=spec.quantization,
+                                              quantize_lm_head=quantizes_lm_head(spec, Path(target_dir)),
+                                              quantization_activation=self_draft_activation(config, spec, target)),
+            speculative_config=None)
+        runner = ModelRunner(draft_config, Path(target_dir), max_decode_rows=1)
+        runner.share_kv_cache(target)
+        logger.info("%s self-draft: weights %.1f MiB, sharing the target's KV cache", spec.quantization,
+                    runner.weight_bytes() / 2**20)
+        return cls(runner, kv)
+
+    def propose(self, reqs: list[Request], max_tokens: list[int]) -> None:
+        drafts: dict[str, list[int]] = {req.req_id: [] for req in reqs}
+        probs: dict[str, list[torch.Tensor | None]] = {req.req_id: [] for req in reqs}
+        active = [(req, k) for req, k in zip(reqs, max_tokens) if self._reserve(req, k, len(reqs))]
+        for step in range(max(max_tokens, default=0)):
+            active = [(req, k) for req, k in active if k > step]
+            if not active:
+                break
+            rows = [(req, [drafts[req.req_id][-1] if step else req.all_token_ids[-1]],
+                     req.num_computed_tokens + step, req.block_ids) for req, _ in active]
+            tokens, q = draft_pass(self.runner, self.sampler, rows, drafts, step)
+            for i, ((req, _), token) in enumerate(zip(active, tokens)):
+                drafts[req.req_id].append(token)
+                probs[req.req_id].append(None if q is None else q[i])
+        for req in reqs:
+            req.spec_token_ids = drafts[req.req_id]
+            req.draft_probs = stack_draft_probs(drafts[req.req_id], probs[req.req_id], self.runner.vocab_size)
+
+    def release(self, req_id: str) -> None:
+        pass  # no state of its own: the target's blocks are the target's to free
+
+    def _reserve(self, req: Request, k: int, num_running: int) -> bool:
+        """Slots for the k positions the draft passes write; the verification step then finds them
+        allocated. Drafts that would leave fewer free blocks than there are speculating requests
+        are not made: the pool keeps room for everyone's next token, so drafts never push anyone out."""
+        need = self.kv.blocks_needed(req.num_computed_tokens + k) - len(req.block_ids)
+        if need > 0 and self.kv.pool.num_free - need < num_running:
+            return False
+        return self.kv.allocate_slots(req, 0, num_lookahead_tokens=k)
+
+
+def draft_pass(runner, sampler: Sampler, rows: list[tuple[Request, list[int], int, list[int]]],
+               drafts: dict[str, list[int]], step: int) -> tuple[list[int], torch.Tensor | None]:
+    """One batched draft forward pass over ``rows`` (request, token ids, first position, block
+    table): a token per request and the (B, V) distributions they were drawn from (None: greedy
+    argmax drafts, which the rejection sampler reads as point masses)."""
+    sched = SchedulerOutput()
+    for req, token_ids, start, block_ids in rows:
+        seed = req.step_seed(step)
+        sched.requests.append(ScheduledRequest(
+            req_id=req.req_id, token_ids=token_ids, start_pos=start, block_ids=block_ids,
+            sample=True, sampling_params=req.sampling_params, prompt_token_ids=req.prompt_token_ids,
+            output_token_ids=req.output_token_ids + drafts[req.req_id],
+            step_seed=None if seed is None else (seed ^ _DRAFT_SALT) & _SEED_MASK))
+        sched.num_batched_tokens += len(token_ids)
+    logits, sampled_rows = runner.compute_sample_logits(sched)  # (B, V)
+    if plain_greedy(sampled_rows, None):  # argmax drafts: point masses say the same to the rejection sampler
+        return logits.argmax(dim=-1).tolist(), None
+    meta = SamplingMetadata.from_requests(sampled_rows, runner.vocab_size, runner.device)
+    q = sampler.probs(logits, meta)  # (B, V); one-hot on greedy rows
+    if meta.all_greedy:
+        tokens = q.argmax(dim=-1)
+    else:
+        tokens = exponential_race(q, meta.seeds, meta.any_unseeded_random)
+        if meta.greedy is not None:
+            tokens = torch.where(meta.greedy, q.argmax(dim=-1), tokens)
+    return tokens.tolist(), q
+
+
+def stack_draft_probs(tokens: list[int], rows: list[torch.Tensor | None], vocab: int) -> torch.Tensor | None:
+    """(k, V) draft distributions, or None when every draft was a greedy argmax (point masses).
+    An argmax step among sampled ones (min_tokens just reached) is a one-hot row: its point mass."""
+    if all(row is None for row in rows):
+        return None
+    return torch.stack([torch.nn.functional.one_hot(torch.tensor(t), vocab).float() if row is None else row
+                        for t, row in zip(tokens, rows)])
+
+
+def self_draft_activation(config: EngineConfig, spec: SpeculativeConfig, target) -> str:
+    """A self-draft's activation scheme: int8 activations (W8A8, the fastest CPU kernels) for an
+    int8 or int4 draft on the native kernels, since a draft only has to guess well; otherwise the
+    target's own setting, or none."""
+    if spec.quantization in ("int8", "int4") and getattr(target, "linear_backend", None) == "native":
+        return "int8"
+    return config.model.quantization_activation if spec.quantization else "none"
 
 
 def quantizes_lm_head(spec: SpeculativeConfig, draft_dir: Path) -> bool:
