@@ -67,6 +67,7 @@ class FakeState:
         self.in_flight = 0
         self.peak_in_flight = 0
         self.requests = 0
+        self.bodies: list[dict] = []  # every generation request's JSON body
         self.add_bos = False  # True: /tokenize always prepends BOS (a server ignoring add_special_tokens)
 
 
@@ -106,6 +107,7 @@ def make_app(state: FakeState):
 
 
 async def _generate(state: FakeState, body: dict, chat: bool, arrived: float):
+    state.bodies.append(body)
     prompt = body["messages"][-1]["content"] if chat else body["prompt"]
     state.requests += 1
     if "FAIL503" in prompt:
@@ -255,6 +257,21 @@ def test_max_concurrency_caps_in_flight_requests(server: FakeServer) -> None:
     assert server.state.peak_in_flight == 2
     queue_times = sorted(r["queue_time"] for r in doc["requests"])
     assert queue_times[-1] > 0.2  # the last two waited a whole wave for the semaphore
+
+
+def test_requests_are_greedy_unless_sampling_flags_say_otherwise(server: FakeServer) -> None:
+    server.state.bodies.clear()  # the server is shared by the module's tests
+    code, _ = bench_serve(config(server, dataset="random", input_len=8, output_len=2, num_prompts=2), quiet())
+    assert code == 0 and [b["temperature"] for b in server.state.bodies] == [0.0, 0.0]
+    assert not any(k in b for b in server.state.bodies for k in ("top_p", "top_k", "min_p"))
+    server.state.bodies.clear()
+    code, _ = bench_serve(config(server, dataset="random", input_len=8, output_len=2, num_prompts=2,
+                                 temperature=0.8, top_p=0.9, top_k=40, min_p=0.05), quiet())
+    assert code == 0
+    assert all((b["temperature"], b["top_p"], b["top_k"], b["min_p"]) == (0.8, 0.9, 40, 0.05)
+               for b in server.state.bodies)
+    with pytest.raises(ConfigError, match="temperature"):
+        config(server, temperature=-1.0)
 
 
 def test_output_tokens_fall_back_to_the_tokenizer_without_usage(server: FakeServer, tmp_path: Path) -> None:

@@ -135,6 +135,7 @@ def build_payload(target: TargetConfig, model: str, sample: SampleRequest) -> di
         payload["messages"] = [{"role": "user", "content": sample.prompt}]
     if target.ignore_eos:
         payload["ignore_eos"] = True
+    payload.update(target.sampling())
     payload.update(sample.sampling)
     return payload
 

@@ -89,6 +89,14 @@ class TargetConfig:
         "Per-request time limit in seconds, from send to the end of the stream."))
     ignore_eos: bool = field(default=False, metadata=_help(
         "Send ignore_eos=true so every request generates exactly its output length (vLLM extension)."))
+    temperature: float | None = field(default=None, metadata=_help(
+        "Sampling temperature sent with each request. Default: 0.0, greedy decoding, as vLLM's "
+        "bench serve does (the server's own default would be 1.0)."))
+    top_p: float | None = field(default=None, metadata=_help("top_p sent with each request. Default: not sent."))
+    top_k: int | None = field(default=None, metadata=_help("top_k sent with each request (vLLM extension). "
+                                                           "Default: not sent."))
+    min_p: float | None = field(default=None, metadata=_help("min_p sent with each request (vLLM extension). "
+                                                             "Default: not sent."))
     tokenizer: str | None = field(default=None, metadata=_help(
         "Local tokenizer directory for building prompts and counting tokens, instead of the "
         "server's /tokenize and /detokenize."))
@@ -111,6 +119,17 @@ class TargetConfig:
             raise ConfigError(f"endpoint must be one of {', '.join(ENDPOINTS)}, got {self.endpoint!r}")
         if not self.timeout > 0:
             raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout}")
+        if self.temperature is not None and self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    def sampling(self) -> dict[str, Any]:
+        """The sampling fields of every request: greedy unless a temperature was given."""
+        out: dict[str, Any] = {"temperature": 0.0 if self.temperature is None else self.temperature}
+        out.update({name: value for name, value in (("top_p", self.top_p), ("top_k", self.top_k),
+                                                    ("min_p", self.min_p)) if value is not None})
+        return out
 
     @property
     def api_path(self) -> str:
