@@ -228,3 +228,47 @@ def test_the_client_streams_and_an_abort_mid_generation_frees_the_blocks_in_the_
     finally:
         client.shutdown()
     assert not client.is_alive
+
+
+def test_the_channel_is_read_by_the_serving_loop_and_survives_loops_that_come_and_go(llama_dir):
+    """The running event loop reads the engine's channel itself; a second loop's streams still get
+    their outputs, and after a loop is closed the next one (or the watchdog thread) takes over."""
+    import asyncio
+    import threading
+
+    from tureen.config import EngineConfig
+    from tureen.engine.core_client import EngineCoreClient
+    from tureen.sampling_params import RequestOutputKind, SamplingParams
+
+    client = EngineCoreClient(EngineConfig.from_kwargs(str(llama_dir), max_model_len=512, kv_cache_memory="64MiB"))
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
+
+    async def one(request_id: str) -> list[int]:
+        async for out in client.generate(list(range(5, 20)), params, request_id):
+            if out.finished:
+                return out.outputs[0].token_ids
+        raise AssertionError("no final output")
+
+    try:
+        first = asyncio.run(one("a"))
+        assert client._loop_reader is not None and client._loop_reader.loop.is_closed()
+        assert asyncio.run(one("b")) == first, "a new loop takes the channel over from a closed one"
+        results: dict[str, list[int]] = {}
+        started = threading.Barrier(2)
+
+        def in_thread(name: str) -> None:
+            async def run() -> None:
+                started.wait()
+                got = await asyncio.gather(*(one(f"{name}{i}") for i in range(3)))
+                results.update({f"{name}{i}": ids for i, ids in enumerate(got)})
+            asyncio.run(run())
+
+        threads = [threading.Thread(target=in_thread, args=(n,)) for n in ("x", "y")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(results) == ["x0", "x1", "x2", "y0", "y1", "y2"] and all(v == first for v in results.values())
+        assert wait_for(lambda: client.stats().num_running == 0, 10)
+    finally:
+        client.shutdown()

@@ -114,9 +114,11 @@ class _Channel:
 
     def receive(self, timeout_s: float) -> list[Any]:
         """The messages that arrived within ``timeout_s`` (possibly none); raises ChannelClosed on EOF."""
-        readable = self._wait(timeout_s)
-        if not readable:
-            return []
+        return self.receive_ready() if self.wait_readable(timeout_s) else []
+
+    def receive_ready(self) -> list[Any]:
+        """The messages one read finds, without waiting (a socket the caller knows is readable, or
+        a non-blocking one); raises ChannelClosed on EOF."""
         try:
             size = self.sock.recv_into(self._read_buffer)
         except BlockingIOError:
@@ -127,7 +129,7 @@ class _Channel:
             raise ChannelClosed("the other process closed the engine channel")
         return [decode(f) for f in self._reader.feed(self._read_buffer[:size])]
 
-    def _wait(self, timeout_s: float) -> bool:
+    def wait_readable(self, timeout_s: float) -> bool:
         return bool(_poll(self.sock, select.POLLIN, timeout_s))
 
     def close(self) -> None:
@@ -187,7 +189,21 @@ class ClientChannel(_Channel):
                 raise ChannelClosed(f"the engine is gone: {exc}") from exc
             del self._pending[:sent]
 
-    def _wait(self, timeout_s: float) -> bool:
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
+    def flush_when_writable(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for the socket to take what is pending, and send it (while an
+        event loop reads the channel, another thread still flushes the writes)."""
+        if _poll(self.sock, select.POLLOUT, timeout_s) & select.POLLOUT:
+            with self._lock:
+                try:
+                    self._flush_locked()
+                except ChannelClosed:
+                    pass  # the read reports it
+
+    def wait_readable(self, timeout_s: float) -> bool:
         events = _poll(self.sock, select.POLLIN | (select.POLLOUT if self._pending else 0), timeout_s)
         if events & select.POLLOUT:
             with self._lock:

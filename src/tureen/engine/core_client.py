@@ -7,10 +7,15 @@
                   (one Unix socket pair, length-prefixed msgpack frames: engine/core_channel.py)
 
 The API process never imports torch. It validates each request once (``InputProcessor``) and
-sends it; one reader thread receives one ``StepOutputs`` per engine step and hands the whole batch
-to each event loop with a single ``call_soon_threadsafe``, so there is no per-token thread hop,
-task or lock. Each request's outputs wait in an ``OutputStream``, which merges the delta outputs
-a lagging consumer has not taken yet (engine/output_stream.py). The same thread is the watchdog:
+sends it. The event loop that serves the requests reads the channel itself (``loop.add_reader``):
+each engine step's ``StepOutputs`` is received, decoded and put into its requests' streams in one
+callback, with no thread hop, self-pipe wake-up or lock hand-off between the step's end and the
+SSE write. Each request's outputs wait in an ``OutputStream``, which merges the delta outputs a
+lagging consumer has not taken yet (engine/output_stream.py). Streams of another event loop get
+their batch with one ``call_soon_threadsafe`` per step. Until a loop reads the channel (start-up,
+warm-up, a restart) or once its loop has stopped, the watchdog thread reads it instead.
+
+The watchdog thread:
 
 - the engine process exited (its end of the socket closes: noticed at once), or sent nothing
   (not even its idle heartbeat) for ``stall_timeout`` seconds: the stats snapshot goes unhealthy at once, every in-flight request
@@ -79,6 +84,15 @@ class WatchdogConfig:
 
 
 @dataclass
+class _LoopReader:
+    """An event loop that reads an engine's channel (``add_reader`` on its socket)."""
+
+    loop: asyncio.AbstractEventLoop
+    engine: "_Engine"
+    fd: int
+
+
+@dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: OutputStream
@@ -125,6 +139,12 @@ class _Engine:
                 time.sleep(timeout_s)
         return None
 
+    def take_received(self) -> list[Any]:
+        """Messages a ``recv`` read but has not returned yet."""
+        out = list(self._received)
+        self._received.clear()
+        return out
+
     def send(self, message: Any) -> None:
         try:
             self.channel.send(message)
@@ -148,6 +168,10 @@ class EngineCoreClient:
         self._generation = 0
         self._send_lock = threading.Lock()  # guards swapping self._engine against a send to it
         self._lock = threading.Lock()  # guards _streams
+        # One reader of the channel at a time (an event loop or the watchdog thread), delivering in order.
+        self._read_lock = threading.Lock()
+        self._loop_reader: _LoopReader | None = None
+        self._wake = threading.Event()  # the watchdog's sleep, cut short when a loop reader sees the end of file
         self._checker: Any = None  # a StructuredOutputManager for validating constraints, built on first use
         self._checker_lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}
@@ -213,12 +237,13 @@ class EngineCoreClient:
         with self._lock:
             if request_id in self._streams:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
-            self._streams[request_id] = _Stream(asyncio.get_running_loop(), stream, core.prompt,
-                                                core.prompt_token_ids)
+            loop = asyncio.get_running_loop()
+            self._streams[request_id] = _Stream(loop, stream, core.prompt, core.prompt_token_ids)
         finished = False
         try:
             if not self._stats.is_alive:  # the engine failed between the check above and registering
                 raise EngineDeadError("the engine is restarting; retry shortly")
+            self._read_in(loop)
             self._send(core)
             while True:
                 item = await stream.get()  # raises the request's error
@@ -263,7 +288,9 @@ class EngineCoreClient:
                 logger.warning("the engine process did not exit in %.0f s; killing it", timeout)
         time.sleep(2 * POLL_S)  # let the reader deliver the engine's last outputs
         self._closing = True
+        self._wake.set()
         self._reader.join(timeout=2.0)
+        self._stop_loop_reading()
         if engine is not None:
             engine.kill()
             engine.close()
@@ -293,21 +320,101 @@ class EngineCoreClient:
                     return
 
     def _read_once(self) -> str | None:
-        """Deliver one message, or check the engine when none came; returns a failure or None."""
+        """Deliver what arrived within ``POLL_S`` (unless an event loop reads the channel), then
+        check the engine; returns a failure or None."""
         engine = self._engine
-        message = engine.recv(POLL_S)
-        if message is not None:
-            self._on_message(message)
-            return None
+        if self._loop_reads(engine):
+            if engine.channel.has_pending:  # the loop reads; sends the socket could not take wait here
+                engine.channel.flush_when_writable(POLL_S)
+            else:
+                self._wake.wait(POLL_S)
+                self._wake.clear()
+            return self._check(engine)
+        if not engine.closed and engine.channel.wait_readable(POLL_S):
+            with self._read_lock:
+                if not self._loop_reads(engine):
+                    self._receive(engine)
+        elif engine.closed:
+            engine.recv(POLL_S)  # waits for the process to exit, never spins
         return self._check(engine)
 
-    def _on_message(self, message: Any) -> None:
+    def _loop_reads(self, engine: _Engine) -> bool:
+        reader = self._loop_reader
+        return reader is not None and reader.engine is engine and reader.loop.is_running()
+
+    def _receive(self, engine: _Engine, here: asyncio.AbstractEventLoop | None = None) -> None:
+        """Read and deliver what the channel holds now (under ``_read_lock``)."""
+        messages = engine.take_received()  # what a start-up wait read past its own message
+        try:
+            messages += engine.channel.receive_ready()
+        except ChannelClosed:
+            engine.closed = True
+            self._wake.set()
+        if messages:
+            engine.last_message = time.monotonic()
+        for message in messages:
+            self._on_message(message, here)
+
+    # ---- an event loop reads the channel --------------------------------------------------------
+    def _read_in(self, loop: asyncio.AbstractEventLoop) -> None:
+        """From now on ``loop`` (the caller's, running) reads the channel, unless a running loop already does."""
+        reader = self._loop_reader
+        if reader is not None and reader.loop is loop and reader.engine is self._engine:
+            return
+        with self._read_lock:
+            engine, reader = self._engine, self._loop_reader
+            if engine is None or engine.closed or (reader is not None and reader.engine is engine
+                                                   and reader.loop.is_running()):
+                return
+            if reader is not None and not reader.loop.is_closed() and not reader.loop.is_running():
+                reader.loop.remove_reader(reader.fd)  # a stopped loop: nothing runs there to race with
+            fd = engine.channel.sock.fileno()
+            loop.remove_reader(fd)  # a stale registration of this descriptor number (an engine before)
+            loop.add_reader(fd, self._on_readable, engine)
+            self._loop_reader = _LoopReader(loop, engine, fd)
+
+    def _on_readable(self, engine: _Engine) -> None:
+        """The event loop's callback: one read, decoded and put into the streams right here."""
+        loop = asyncio.get_running_loop()
+        with self._read_lock:
+            reader = self._loop_reader
+            if reader is None or reader.engine is not engine or reader.loop is not loop:
+                loop.remove_reader(engine.channel.sock.fileno())  # stale: another reader took over
+                return
+            self._receive(engine, here=loop)
+            if engine.closed:
+                loop.remove_reader(reader.fd)
+                self._loop_reader = None
+
+    def _stop_loop_reading(self) -> None:
+        """Take the channel back from the event loop (before its socket is closed): the loop drops
+        the descriptor, so a later socket with the same number is registered afresh."""
+        with self._read_lock:
+            reader, self._loop_reader = self._loop_reader, None
+        if reader is None or reader.loop.is_closed():
+            return
+        if not reader.loop.is_running():
+            reader.loop.remove_reader(reader.fd)
+            return
+        removed = threading.Event()
+
+        def remove() -> None:
+            reader.loop.remove_reader(reader.fd)
+            removed.set()
+
+        try:
+            reader.loop.call_soon_threadsafe(remove)
+        except RuntimeError:  # closed meanwhile
+            return
+        removed.wait(1.0)
+
+    def _on_message(self, message: Any, here: asyncio.AbstractEventLoop | None = None) -> None:
         if not isinstance(message, StepOutputs):
             return
         self._stats = replace(message.stats, heartbeat=time.monotonic(), is_alive=True,
                               engine_restarts=self._num_restarts, **self._counters(message.stats))
         if message.outputs:
-            self._dispatch(message.outputs)
+            self._dispatch(message.outputs, here)
 
     def _counters(self, stats: EngineStats) -> dict[str, int]:
         """Cumulative counters that survive restarts and leave out the warm-up generations.
@@ -318,8 +425,9 @@ class EngineCoreClient:
         base = self._engine.baseline if self._engine is not None else {}
         return {name: self._carried.get(name, 0) + getattr(stats, name) - base.get(name, 0) for name in COUNTERS}
 
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        """Hand one step's outputs to their event loops: one call per loop, not one per token."""
+    def _dispatch(self, outputs: list[RequestOutput], here: asyncio.AbstractEventLoop | None = None) -> None:
+        """Hand one step's outputs to their event loops: one call per loop, not one per token;
+        streams of ``here`` (the loop running this) get theirs at once."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[OutputStream, Any]]] = {}
         with self._lock:
             for out in outputs:
@@ -329,6 +437,9 @@ class EngineCoreClient:
                     item = out if out.error is None else EngineStepError(out.error)
                     by_loop.setdefault(target.loop, []).append((target.queue, item))
         for loop, items in by_loop.items():
+            if loop is here:
+                _put_all(items)
+                continue
             try:
                 loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:  # that event loop is closed
@@ -378,6 +489,7 @@ class EngineCoreClient:
             return
 
     def _retire_engine(self) -> None:
+        self._stop_loop_reading()
         with self._send_lock:
             engine, self._engine = self._engine, None
         if engine is not None:
