@@ -224,16 +224,18 @@ def test_bench_single_writes_the_breakdown_and_reads_llama_bench(llama_dir, tmp_
     assert (tmp_path / "bench-single.png").stat().st_size > 0
 
 
-def test_bench_single_variants_parse_the_lm_head_suffix():
-    from tureen.bench.single import SingleVariant
+def test_bench_variants_parse_the_lm_head_suffix():
+    from tureen.bench.quant import Variant
 
-    v = SingleVariant.parse("int4:64+lm_head")
+    v = Variant.parse("int4:64+lm_head")
     assert v.name == "int4 (group 64) + LM head"
     assert v.engine_kwargs() == {"quantization": "int4", "quantization_group_size": 64, "quantize_lm_head": True}
-    assert SingleVariant.parse("none").engine_kwargs() == {"quantization": None, "quantize_lm_head": False}
+    w = Variant.parse("int4-a8+lm_head")
+    assert w.name == "int4 (group 128) W8A8 + LM head" and w.engine_kwargs()["quantization_activation"] == "int8"
+    assert Variant.parse("none").engine_kwargs() == {"quantization": None}
     for bad in ("none+lm_head", "int8+bias"):
         with pytest.raises(ValueError):
-            SingleVariant.parse(bad)
+            Variant.parse(bad)
 
 
 # ---- verification rows: a request's 1 + k tokens as decode rows ------------------------------

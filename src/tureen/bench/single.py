@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        variants = [SingleVariant.parse(s) for s in args.variants.split(",") if s.strip()]
+        variants = [Variant.parse(s) for s in args.variants.split(",") if s.strip()]
         ggufs = _parse_ggufs(args.gguf, variants)
     except ValueError as e:
         print(f"tureen bench single: error: {e}", file=sys.stderr)
@@ -110,39 +110,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-@dataclass(frozen=True)
-class SingleVariant:
-    """A ``tureen bench quant`` variant, optionally with the LM head quantized too (``int8+lm_head``)."""
-
-    variant: Variant
-    lm_head: bool = False
-
-    @classmethod
-    def parse(cls, spec: str) -> "SingleVariant":
-        base, plus, extra = spec.strip().partition("+")
-        if plus and extra.strip().lower().replace("-", "_") != "lm_head":
-            raise ValueError(f"unknown variant suffix {'+' + extra!r} in {spec!r} (only +lm_head)")
-        v = Variant.parse(base)
-        if plus and v.quantization is None:
-            raise ValueError(f"{spec!r}: +lm_head needs a quantized variant")
-        return cls(v, bool(plus))
-
-    @property
-    def name(self) -> str:
-        return self.variant.name + (" + LM head" if self.lm_head else "")
-
-    def engine_kwargs(self) -> dict:
-        return {**self.variant.engine_kwargs(), "quantize_lm_head": self.lm_head}
-
-
-def _parse_ggufs(specs: list[str], variants: list[SingleVariant]) -> dict[str, str]:
+def _parse_ggufs(specs: list[str], variants: list[Variant]) -> dict[str, str]:
     """``VARIANT=FILE`` -> {variant name: file}; VARIANT as in --variants (none, int8, int4+lm_head, ...)."""
     out = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not path:
             raise ValueError(f"--gguf takes VARIANT=FILE, got {spec!r}")
-        v = SingleVariant.parse(name)
+        v = Variant.parse(name)
         if v.name not in {x.name for x in variants}:
             raise ValueError(f"--gguf names variant {name!r}, which is not in --variants")
         if not Path(path).is_file():
@@ -151,7 +126,7 @@ def _parse_ggufs(specs: list[str], variants: list[SingleVariant]) -> dict[str, s
     return out
 
 
-def _measure_all(args, variants: list[SingleVariant], base: dict, ggufs: dict[str, str]) -> list[SingleResult]:
+def _measure_all(args, variants: list[Variant], base: dict, ggufs: dict[str, str]) -> list[SingleResult]:
     from rich.console import Console
 
     from tureen import LLM
@@ -164,7 +139,7 @@ def _measure_all(args, variants: list[SingleVariant], base: dict, ggufs: dict[st
     tok = llms[0].llm_engine.tokenizer
     special = set(tok.all_special_ids)
     prompt = [t for t in range(tok.vocab_size) if t not in special][100:100 + args.input_len]
-    results = [SingleResult(v.name, v.variant.quantization, llama_cpp_model=ggufs.get(v.name)) for v in variants]
+    results = [SingleResult(v.name, v.quantization, llama_cpp_model=ggufs.get(v.name)) for v in variants]
     for i in range(args.repeats):
         llama_round: dict[str, float] = {}  # one llama-bench run per file and round
         for llm, r in zip(llms, results):
