@@ -195,6 +195,20 @@ def test_with_requests_arriving_mid_decode(method, llama_dir, checkpoint_factory
     check(llm, llama_dir, prompts, [done[f"r{i}"] for i in range(5)], lengths)
 
 
+def test_a_draft_models_cache_comes_out_of_the_same_kv_budget(llama_dir, checkpoint_factory):
+    spec = draft_of(checkpoint_factory, "llama")
+    llm = make_llm(llama_dir, spec)
+    engine = llm.llm_engine
+    runner, draft = engine.runner, engine.speculator.proposer
+    both = runner.kv_bytes_per_token + draft.runner.kv_bytes_per_token
+    assert runner.draft_kv_bytes_per_token() == draft.runner.kv_bytes_per_token
+    assert engine.num_kv_blocks == (16 << 20) // (engine.block_size * both) == draft.kv.num_blocks
+    alone = make_llm(llama_dir).llm_engine.num_kv_blocks
+    assert alone == (16 << 20) // (engine.block_size * runner.kv_bytes_per_token) > engine.num_kv_blocks
+    self_draft = make_llm(llama_dir, SELF_INT8).llm_engine
+    assert self_draft.num_kv_blocks == alone, "a self-draft shares the target's cache: the budget is the target's"
+
+
 # ---- the self-draft drafts in the target's own KV cache ----------------------------------------
 def test_the_self_draft_shares_the_targets_kv_cache_and_never_prefills(llama_dir):
     llm = make_llm(llama_dir, SELF_INT8)

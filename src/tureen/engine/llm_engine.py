@@ -147,11 +147,13 @@ class LLMEngine:
 
     def _log_kv_cache(self) -> None:
         kib = self.runner.kv_bytes_per_token / 1024
+        draft = getattr(self.runner, "draft_kv_bytes_per_token", lambda: 0)()
         logger.info(
-            "KV cache: %d blocks x %d tokens = %d tokens (%.1f KiB/token); max concurrency at "
+            "KV cache: %d blocks x %d tokens = %d tokens (%.1f KiB/token%s); max concurrency at "
             "max_model_len=%d: %d sequences; KV dtype %s", self.num_kv_blocks, self.block_size,
-            self.num_kv_blocks * self.block_size, kib, self.max_model_len, self.max_concurrency,
-            self.runner.kv_cache_description())
+            self.num_kv_blocks * self.block_size, kib,
+            f", plus {draft / 1024:.1f} KiB/token for the draft model's cache, from the same budget" if draft else "",
+            self.max_model_len, self.max_concurrency, self.runner.kv_cache_description())
 
     # ---- adding and aborting ------------------------------------------------------------
     def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:

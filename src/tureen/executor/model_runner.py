@@ -92,8 +92,7 @@ class ModelRunner:
         # one byte per element plus a float32 scale per token, KV head and K/V.
         self.kv_dtype = KV_CACHE_TORCH_DTYPES.get(config.cache.kv_cache_dtype, self.dtype)
         self.kv_quantized = config.cache.kv_cache_dtype != "auto"
-        self.kv_bytes_per_token: int = 2 * self.num_layers * self.num_kv_heads * (
-            self.head_dim * self.kv_dtype.itemsize + (KV_SCALE_BYTES if self.kv_quantized else 0))
+        self.kv_bytes_per_token: int = kv_bytes_per_token(args, self.kv_dtype, self.kv_quantized)
         self.block_size = config.cache.block_size
         self.kv_caches: list[KVCache] = []
         self.decode_stack: NativeDecodeStack | None = None  # set with the KV cache
@@ -138,7 +137,8 @@ class ModelRunner:
         cache = self.config.cache
         if cache.num_gpu_blocks_override is not None:
             return cache.num_gpu_blocks_override
-        block_bytes = self.block_size * self.kv_bytes_per_token
+        # A separate draft model keeps a cache of as many blocks: the budget holds both.
+        block_bytes = self.block_size * (self.kv_bytes_per_token + self.draft_kv_bytes_per_token())
         if self.device.type == "cuda":
             budget = self._profile_free_cuda_bytes()
             where = f"gpu_memory_utilization={cache.gpu_memory_utilization} after weights and activations"
@@ -149,6 +149,19 @@ class ModelRunner:
         if num_blocks < 1:
             raise ConfigError(f"no KV cache block fits {where}; one block needs {block_bytes} bytes")
         return num_blocks
+
+    def draft_kv_bytes_per_token(self) -> int:
+        """KV bytes per token of the separate draft model speculative decoding runs beside this one
+        (0 without one; a self-draft shares this runner's cache)."""
+        spec = self.config.speculative_config
+        if spec is None or spec.method != "draft_model" or spec.is_self_draft:
+            return 0
+        from tureen.executor.loader import resolve_checkpoint
+
+        hf = load_hf_config(resolve_checkpoint(spec.model))
+        dtype = KV_CACHE_TORCH_DTYPES.get(self.config.cache.kv_cache_dtype,
+                                          resolve_dtype(self.config.model.dtype, hf, self.device))
+        return kv_bytes_per_token(model_args(hf), dtype, self.kv_quantized)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         # Zeros, not empty: padded gathers read unwritten slots, and masked garbage that happens to
@@ -289,6 +302,12 @@ class ModelRunner:
             sample_rows=torch.tensor(rows, dtype=torch.long).to(self.device),
             sampling_reqs=[reqs[i] for i in sampling],
         )
+
+
+def kv_bytes_per_token(args, kv_dtype: torch.dtype, quantized: bool) -> int:
+    """K and V of every layer for one token; a quantized cache adds a float32 scale per token and KV head."""
+    return 2 * args.num_hidden_layers * args.num_key_value_heads * (
+        args.head_dim * kv_dtype.itemsize + (KV_SCALE_BYTES if quantized else 0))
 
 
 def time_layers(layers, timer: StepTimer) -> list:
