@@ -97,6 +97,30 @@ def test_quantize_lm_head_packs_it_and_leaves_the_tied_embedding_alone(checkpoin
     assert max(abs(la[t] - lb[t]) for t in common) < 0.1
 
 
+def test_the_lm_head_can_take_its_own_quantization(checkpoint_factory):
+    """int4 layers with an int8 head: the head is packed exactly as an int8 model's head, the
+    layers exactly as an int4 model's."""
+    from tureen.executor.decode_stack import native_packed
+    from tureen.executor.quantization.factory import linear_kernels
+
+    path = checkpoint_factory("llama")
+    g32 = {"quantization": "int4", "quantization_group_size": 32}
+    mixed = make_llm(path, **g32, lm_head_quantization="int8").llm_engine.runner
+    int8 = make_llm(path, quantization="int8", quantize_lm_head=True).llm_engine.runner
+    int4 = make_llm(path, **g32).llm_engine.runner
+    assert "LM head in int8" in mixed.quantization.describe()
+    assert set(linear_kernels(mixed.model)) == {"native int4 (group 32) GEMM", "native int8 GEMM"}
+    head, ref = native_packed(mixed.model.lm_head), native_packed(int8.model.lm_head)
+    assert torch.equal(head.qweight, ref.qweight) and torch.equal(head.params, ref.params)
+    layer, ref = native_packed(mixed.model.model.layers[0].mlp.down_proj), native_packed(
+        int4.model.model.layers[0].mlp.down_proj)
+    assert torch.equal(layer.qweight, ref.qweight) and torch.equal(layer.params, ref.params)
+    from tureen.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="lm_head_quantization"):
+        make_llm(path, **g32, lm_head_quantization="int2")
+
+
 def test_quantize_lm_head_needs_on_the_fly_quantization(llama_dir):
     from tureen.errors import ConfigError
 
@@ -232,8 +256,10 @@ def test_bench_variants_parse_the_lm_head_suffix():
     assert v.engine_kwargs() == {"quantization": "int4", "quantization_group_size": 64, "quantize_lm_head": True}
     w = Variant.parse("int4-a8+lm_head")
     assert w.name == "int4 (group 128) W8A8 + LM head" and w.engine_kwargs()["quantization_activation"] == "int8"
+    h = Variant.parse("int4-a8+lm_head:int8")
+    assert h.name == "int4 (group 128) W8A8 + int8 LM head" and h.engine_kwargs()["lm_head_quantization"] == "int8"
     assert Variant.parse("none").engine_kwargs() == {"quantization": None}
-    for bad in ("none+lm_head", "int8+bias"):
+    for bad in ("none+lm_head", "int8+bias", "int4+lm_head:int3"):
         with pytest.raises(ValueError):
             Variant.parse(bad)
 

@@ -42,22 +42,26 @@ class Variant:
     group_size: int | None = None
     activation: str = "none"  # quantization_activation
     lm_head: bool = False  # quantize_lm_head
+    lm_head_method: str | None = None  # lm_head_quantization: the head's own method
 
     @classmethod
     def parse(cls, spec: str) -> "Variant":
         """``none``, ``int8``, ``fp8``, ``int4`` (group 128) or ``int4:G`` (G inputs per group, -1 per row);
         any other ``--quantization`` value (gptq, awq, ...) is passed through. A ``-a8`` suffix
         (``int8-a8``, ``int4:64-a8``) adds int8 activations (``quantization_activation=int8``), and a
-        final ``+lm_head`` (``int4-a8+lm_head``) quantizes the LM head the same way."""
+        final ``+lm_head`` (``int4-a8+lm_head``) quantizes the LM head the same way, or with its own
+        method: ``+lm_head:int8`` (``lm_head_quantization``)."""
         base, plus, extra = spec.strip().lower().partition("+")
-        if plus and extra.strip().replace("-", "_") != "lm_head":
-            raise ValueError(f"unknown variant suffix {'+' + extra!r} in {spec!r} (only +lm_head)")
+        suffix, _, head = extra.strip().replace("-", "_").partition(":")
+        if plus and (suffix != "lm_head" or head not in ("", "int8", "int4", "fp8")):
+            raise ValueError(f"unknown variant suffix {'+' + extra!r} in {spec!r} (+lm_head or +lm_head:METHOD)")
         v = cls._parse_activation(base)
         if not plus:
             return v
         if v.quantization is None:
             raise ValueError(f"{spec!r}: +lm_head needs a quantized variant")
-        return cls(f"{v.name} + LM head", v.quantization, v.group_size, v.activation, lm_head=True)
+        return cls(f"{v.name} + {head + ' ' if head else ''}LM head", v.quantization, v.group_size, v.activation,
+                   lm_head=True, lm_head_method=head or None)
 
     @classmethod
     def _parse_activation(cls, spec: str) -> "Variant":
@@ -89,6 +93,8 @@ class Variant:
             kw["quantization_activation"] = self.activation
         if self.lm_head:
             kw["quantize_lm_head"] = True
+        if self.lm_head_method:
+            kw["lm_head_quantization"] = self.lm_head_method
         return kw
 
 
@@ -123,7 +129,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--variants", default="none,int8,int8-a8,int4,int4-a8,fp8",
                    help="Comma-separated variants; the first is the reference: none, int8, fp8, int4 (group 128) "
                         "or int4:G, each optionally with -a8 (int8 activations: int8-a8, int4-a8) and then +lm_head "
-                        "(the LM head quantized too: int4-a8+lm_head); other --quantization values pass through "
+                        "(the LM head quantized too: int4-a8+lm_head, or with its own method: int4-a8+lm_head:int8); other "
+                        "--quantization values pass through "
                         "(default: none,int8,int8-a8,int4,int4-a8,fp8).")
     g.add_argument("--num-prompts", type=int, default=32, help="Requests in the offline workload (default: 32).")
     g.add_argument("--input-len", type=int, nargs=2, default=[32, 128], metavar=("MIN", "MAX"),

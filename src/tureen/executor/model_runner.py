@@ -74,7 +74,8 @@ class ModelRunner:
                                "onednn" if onednn_linear_available(mode, self.device, self.dtype) else "torch")
         model_cfg = config.model
         self.quantization = resolve_quantization(model_cfg.quantization, self.hf_config, Path(checkpoint_dir),
-                                                 model_cfg.quantization_group_size, model_cfg.quantize_lm_head)
+                                                 model_cfg.quantization_group_size, model_cfg.quantize_lm_head,
+                                                 model_cfg.lm_head_quantization)
         backend = LinearBackend(self.linear_backend, self.cpu_ops,
                                 activation=check_activation(model_cfg.quantization_activation, self.quantization,
                                                             self.linear_backend))

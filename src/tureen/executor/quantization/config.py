@@ -159,21 +159,26 @@ class Fp8CheckpointConfig(_FormatConfig):
 class OnTheFlyConfig(QuantizationConfig):
     """tureen quantizes an unquantized checkpoint's linear layers at load (the LM head only when asked)."""
 
-    def __init__(self, name: str, group_size: int = 128, lm_head: bool = False) -> None:
+    def __init__(self, name: str, group_size: int = 128, lm_head: bool = False,
+                 lm_head_name: str | None = None) -> None:
         self.name, self.group_size, self.ignore = name, group_size, []
-        self.quantizes_lm_head = lm_head
+        self.quantizes_lm_head = lm_head or lm_head_name is not None
+        self.lm_head_name = lm_head_name or name  # the LM head's own method (an int8 head on int4 layers)
 
     def layer_method(self, name: str, backend: LinearBackend) -> LinearMethod:
-        if self.name == "int8":
+        kind = self.lm_head_name if name == "lm_head" else self.name
+        if kind == "int8":
             return OnTheFlyMethod("int8", quantize_int8, backend)
-        if self.name == "fp8":
+        if kind == "fp8":
             return OnTheFlyMethod("fp8", quantize_fp8, backend)
         return OnTheFlyMethod(f"int4 g{self.group_size}", lambda w: quantize_groups(w, 4, self.group_size), backend)
 
     def describe(self) -> str:
         what = {"int8": "int8 weight-only, per output channel", "fp8": "fp8 e4m3, per output channel",
                 "int4": f"int4 weight-only, asymmetric, group {self.group_size}"}[self.name]
-        return f"{what} (quantized at load{', LM head included' if self.quantizes_lm_head else ''})"
+        head = "" if not self.quantizes_lm_head else (
+            ", LM head included" if self.lm_head_name == self.name else f", LM head in {self.lm_head_name}")
+        return f"{what} (quantized at load{head})"
 
 
 def load_quantization_config(hf_config: dict[str, Any], checkpoint_dir: Path | None) -> dict[str, Any] | None:
@@ -201,7 +206,8 @@ def load_quantization_config(hf_config: dict[str, Any], checkpoint_dir: Path | N
 
 
 def resolve_quantization(requested: str | None, hf_config: dict[str, Any], checkpoint_dir: Path | None,
-                         group_size: int = 128, lm_head: bool = False) -> QuantizationConfig | None:
+                         group_size: int = 128, lm_head: bool = False,
+                         lm_head_method: str | None = None) -> QuantizationConfig | None:
     """The engine's quantization: the checkpoint's (checked against ``requested``) or on the fly."""
     qc = load_quantization_config(hf_config, checkpoint_dir)
     if qc is None:
@@ -213,7 +219,7 @@ def resolve_quantization(requested: str | None, hf_config: dict[str, Any], check
         if requested not in ON_THE_FLY:
             raise ConfigError(f"quantization={requested!r} needs a {requested} checkpoint, but this checkpoint "
                               f"has no quantization_config (on the fly: {', '.join(ON_THE_FLY)})")
-        return OnTheFlyConfig(requested, group_size, lm_head)
+        return OnTheFlyConfig(requested, group_size, lm_head, lm_head_method)
     if lm_head:
         raise ConfigError("quantize_lm_head applies to on-the-fly quantization; this checkpoint is quantized "
                           "already (its own config says whether the LM head is)")
