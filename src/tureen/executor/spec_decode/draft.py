@@ -81,21 +81,17 @@ class DraftModelProposer:
         for req_id in [rid for rid in self.shadows if rid not in live]:
             self.release(req_id)
         active = [(req, self._sync(req), k) for req, k in zip(reqs, max_tokens)]
-        drafts: dict[str, list[int]] = {req.req_id: [] for req in reqs}
-        probs: dict[str, list[torch.Tensor]] = {req.req_id: [] for req in reqs}
+        drafts = Drafts(reqs)
         for step in range(max(max_tokens, default=0)):
             active = [(req, sh, k) for req, sh, k in active if k > step and self._allocate(sh)]
             if not active:
                 break
-            tokens, q = self._draft_step([(req, sh) for req, sh, _ in active], drafts, step)
+            tokens, q = self._draft_step([(req, sh) for req, sh, _ in active], drafts.tokens, step)
             for i, ((req, sh, _), token) in enumerate(zip(active, tokens)):
                 sh.num_computed_tokens = sh.num_tokens
                 sh.all_token_ids.append(token)
-                drafts[req.req_id].append(token)
-                probs[req.req_id].append(None if q is None else q[i])
-        for req in reqs:
-            req.spec_token_ids = drafts[req.req_id]
-            req.draft_probs = stack_draft_probs(drafts[req.req_id], probs[req.req_id], self.runner.vocab_size)
+                drafts.add(req, token, None if q is None else q[i])
+        drafts.write_onto(reqs, self.runner.vocab_size)
 
     def release(self, req_id: str) -> None:
         shadow = self.shadows.pop(req_id, None)
@@ -169,22 +165,18 @@ class SelfDraftProposer:
         return cls(runner, kv)
 
     def propose(self, reqs: list[Request], max_tokens: list[int]) -> None:
-        drafts: dict[str, list[int]] = {req.req_id: [] for req in reqs}
-        probs: dict[str, list[torch.Tensor | None]] = {req.req_id: [] for req in reqs}
+        drafts = Drafts(reqs)
         active = [(req, k) for req, k in zip(reqs, max_tokens) if self._reserve(req, k, len(reqs))]
         for step in range(max(max_tokens, default=0)):
             active = [(req, k) for req, k in active if k > step]
             if not active:
                 break
-            rows = [(req, [drafts[req.req_id][-1] if step else req.all_token_ids[-1]],
+            rows = [(req, [drafts.tokens[req.req_id][-1] if step else req.all_token_ids[-1]],
                      req.num_computed_tokens + step, req.block_ids) for req, _ in active]
-            tokens, q = draft_pass(self.runner, self.sampler, rows, drafts, step)
+            tokens, q = draft_pass(self.runner, self.sampler, rows, drafts.tokens, step)
             for i, ((req, _), token) in enumerate(zip(active, tokens)):
-                drafts[req.req_id].append(token)
-                probs[req.req_id].append(None if q is None else q[i])
-        for req in reqs:
-            req.spec_token_ids = drafts[req.req_id]
-            req.draft_probs = stack_draft_probs(drafts[req.req_id], probs[req.req_id], self.runner.vocab_size)
+                drafts.add(req, token, None if q is None else q[i])
+        drafts.write_onto(reqs, self.runner.vocab_size)
 
     def release(self, req_id: str) -> None:
         pass  # no state of its own: the target's blocks are the target's to free
@@ -225,6 +217,24 @@ def draft_pass(runner, sampler: Sampler, rows: list[tuple[Request, list[int], in
         if meta.greedy is not None:
             tokens = torch.where(meta.greedy, q.argmax(dim=-1), tokens)
     return tokens.tolist(), q
+
+
+class Drafts:
+    """Each request's drafted tokens and the distributions they were drawn from, pass by pass."""
+
+    def __init__(self, reqs: list[Request]) -> None:
+        self.tokens: dict[str, list[int]] = {req.req_id: [] for req in reqs}
+        self.probs: dict[str, list[torch.Tensor | None]] = {req.req_id: [] for req in reqs}
+
+    def add(self, req: Request, token: int, q: torch.Tensor | None) -> None:
+        self.tokens[req.req_id].append(token)
+        self.probs[req.req_id].append(q)
+
+    def write_onto(self, reqs: list[Request], vocab: int) -> None:
+        """The drafts onto the requests, for the scheduler's next step."""
+        for req in reqs:
+            req.spec_token_ids = self.tokens[req.req_id]
+            req.draft_probs = stack_draft_probs(self.tokens[req.req_id], self.probs[req.req_id], vocab)
 
 
 def stack_draft_probs(tokens: list[int], rows: list[torch.Tensor | None], vocab: int) -> torch.Tensor | None:
