@@ -172,6 +172,9 @@ class EngineCoreClient:
         self._read_lock = threading.Lock()
         self._loop_reader: _LoopReader | None = None
         self._wake = threading.Event()  # the watchdog's sleep, cut short when a loop reader sees the end of file
+        # Batches queued on each loop with call_soon_threadsafe and not yet put: while a loop has
+        # any, its own reads queue behind them, so no stream sees a later step before an earlier one.
+        self._queued: dict[asyncio.AbstractEventLoop, int] = {}
         self._checker: Any = None  # a StructuredOutputManager for validating constraints, built on first use
         self._checker_lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}
@@ -329,6 +332,8 @@ class EngineCoreClient:
             else:
                 self._wake.wait(POLL_S)
                 self._wake.clear()
+            if not engine.closed and engine.channel.wait_readable(0):
+                engine.last_message = time.monotonic()  # unread data: the engine is alive, the loop busy
             return self._check(engine)
         if not engine.closed and engine.channel.wait_readable(POLL_S):
             with self._read_lock:
@@ -437,13 +442,28 @@ class EngineCoreClient:
                     item = out if out.error is None else EngineStepError(out.error)
                     by_loop.setdefault(target.loop, []).append((target.queue, item))
         for loop, items in by_loop.items():
-            if loop is here:
+            if loop is here and not self._queued.get(loop):
                 _put_all(items)
-                continue
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # that event loop is closed
-                pass
+            else:  # another loop, or this one still has earlier batches queued: keep the order
+                self._schedule(loop, items)
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop, items: list[tuple[OutputStream, Any]]) -> None:
+        """Queue a batch on ``loop`` from any thread, counted until it is put (see ``_dispatch``)."""
+        with self._lock:
+            self._queued[loop] = self._queued.get(loop, 0) + 1
+        try:
+            loop.call_soon_threadsafe(self._put_queued, loop, items)
+        except RuntimeError:  # that event loop is closed
+            self._put_queued(loop, [])
+
+    def _put_queued(self, loop: asyncio.AbstractEventLoop, items: list[tuple[OutputStream, Any]]) -> None:
+        _put_all(items)
+        with self._lock:
+            left = self._queued.get(loop, 1) - 1
+            if left > 0:
+                self._queued[loop] = left
+            else:
+                self._queued.pop(loop, None)
 
     def _check(self, engine: _Engine) -> str | None:
         code = engine.proc.poll()
@@ -502,10 +522,7 @@ class EngineCoreClient:
             for target in self._streams.values():
                 by_loop.setdefault(target.loop, []).append((target.queue, exc))
         for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:
-                pass
+            self._schedule(loop, items)
 
     # ---- starting an engine process ----------------------------------------------------------
     def _start_engine(self) -> _Engine:
