@@ -213,16 +213,16 @@ def resolve_quantization(requested: str | None, hf_config: dict[str, Any], check
     if qc is None:
         if requested is None:
             if lm_head:
-                raise ConfigError("quantize_lm_head needs on-the-fly quantization (--quantization int8, int4 "
-                                  "or fp8)")
+                raise ConfigError("quantize_lm_head (and lm_head_quantization) needs on-the-fly quantization "
+                                  "(--quantization int8, int4 or fp8)")
             return None
         if requested not in ON_THE_FLY:
             raise ConfigError(f"quantization={requested!r} needs a {requested} checkpoint, but this checkpoint "
                               f"has no quantization_config (on the fly: {', '.join(ON_THE_FLY)})")
         return OnTheFlyConfig(requested, group_size, lm_head, lm_head_method)
     if lm_head:
-        raise ConfigError("quantize_lm_head applies to on-the-fly quantization; this checkpoint is quantized "
-                          "already (its own config says whether the LM head is)")
+        raise ConfigError("quantize_lm_head (and lm_head_quantization) applies to on-the-fly quantization; this "
+                          "checkpoint is quantized already (its own config says whether the LM head is)")
     method = qc["quant_method"]
     if requested is not None and requested != method:
         raise ConfigError(f"quantization={requested!r} contradicts the checkpoint, which is quantized with "
