@@ -89,6 +89,10 @@ class PolicyServer:
                     ctx.status = early.status_code
                     return early
                 response = await self._upstream(ctx)
+                refusal = await self.pipeline.before_response(ctx)  # as the gateway app does
+                if refusal is not None:
+                    ctx.status, ctx.usage, ctx.cost = refusal.status_code, None, None
+                    return refusal
                 for name, value in ctx.response_headers.items():
                     response.headers[name] = value
                 return response

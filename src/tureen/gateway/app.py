@@ -32,6 +32,7 @@ from tureen.gateway.logs import log_request
 from tureen.gateway.metrics import GatewayMetrics
 from tureen.gateway.pipeline import Endpoint, Pipeline, Principal, RequestContext
 from tureen.gateway.prompt_step import install as install_prompts
+from tureen.gateway.relay import discard
 from tureen.gateway.routing import Router, build_strategy
 from tureen.gateway.tenant_salt import install as install_tenant_salt
 from tureen.gateway.upstream import UpstreamClient, build_deployments
@@ -172,7 +173,13 @@ class Gateway:
                 return response
             if not watch.arm():
                 return None
-            return await self.forward(ctx)
+            answer = await self.forward(ctx)
+            refusal = await self.pipeline.before_response(ctx)
+            if refusal is None:
+                return answer
+            await discard(answer)  # the client never sees it: nothing of it is used or charged
+            ctx.status, ctx.usage, ctx.response_body, ctx.cost = refusal.status_code, None, None, None
+            return refusal
         except Exception as exc:  # a bug: answered as a 500 in the OpenAI shape, never a crash or a hang
             logger.exception("gateway request %s failed", ctx.request_id)
             ctx.status, ctx.error = 500, f"internal error: {type(exc).__name__}"

@@ -4,7 +4,8 @@ Each request gets one ``RequestContext``. The app runs ``before`` of every step 
 answer early by returning a ``Response`` (a 401, a 429, a cache hit). Then the app routes and calls
 the upstream (with retries and fallbacks), and once the response or stream has ended it runs
 ``after`` of every step that passed ``before``, in reverse order, with ``usage``, ``status``,
-``deployment`` and ``cost`` filled in. A new concern (caches, prompt rendering) is a new step, not an
+``deployment`` and ``cost`` filled in. Between the two, a step may still refuse a request whose
+upstream has answered, before the client sees a byte of it (``before_response``). A new concern (caches, prompt rendering) is a new step, not an
 ``if`` in the handler.
 """
 
@@ -82,6 +83,13 @@ class Step(Protocol):
         ...
 
 
+class ResponseGate(Protocol):
+    """A step that may still refuse a request once the upstream has answered, before the answer's
+    first byte goes to the client (the limits step, when Redis refuses a request it sent ahead)."""
+
+    async def before_response(self, ctx: RequestContext) -> Response | None: ...
+
+
 class Pipeline:
     """Runs steps' ``before`` in order and ``after`` in reverse; ``after`` never raises into a request."""
 
@@ -99,6 +107,14 @@ class Pipeline:
             if answer is not None:
                 return answer
             passed.append(step)
+        return None
+
+    async def before_response(self, ctx: RequestContext) -> Response | None:
+        """The first refusal of a passed step that is a ``ResponseGate``, or None: send the answer."""
+        for step in ctx.state.get("pipeline.passed", []):
+            gate = getattr(step, "before_response", None)
+            if gate is not None and (answer := await gate(ctx)) is not None:
+                return answer
         return None
 
     async def after(self, ctx: RequestContext) -> None:

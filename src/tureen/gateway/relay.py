@@ -90,6 +90,13 @@ class RelayResponse(Response):
         return self.events.flush() + format_sse_event(data_str=error.sse_payload()) + SSE_DONE
 
 
+async def discard(response: Response) -> None:
+    """Drop an answer that will not be sent: a relay closes its upstream stream and ends (no verdict)."""
+    if isinstance(response, RelayResponse):
+        await _close_quietly(response.upstream)
+        response.on_end(None)
+
+
 async def _close_quietly(upstream: UpstreamResponse) -> None:
     try:
         await asyncio.shield(upstream.aclose())
