@@ -167,3 +167,30 @@ def test_a_budget_is_exhausted_by_real_usage_through_the_gateway(tmp_path, fake,
         assert refused.json()["error"]["code"] == "insufficient_quota"
     assert metric(text, "tureen_gateway_spend_total") == pytest.approx(0.12)
     assert metric(text, "tureen_gateway_tokens_total", kind="completion") == 40
+
+
+def test_a_stream_sent_ahead_and_refused_by_redis_is_a_429_and_frees_the_deployment(tmp_path, fake,
+                                                                                  redis_server):  # noqa: F811
+    """Through real gateway processes: replica a still believes the key far from its limit (a long
+    max_age_s), b has used the window up, so a sends the stream on before Redis answers. Redis
+    refuses it: the client gets the 429 and no byte of the stream, and the deployment is free again."""
+    config = gateway_config(fake, redis_server.url, admit_ahead={"max_age_s": 600})
+    env = {"E2E_MASTER_KEY": MASTER}
+    a, b = GatewayProc(tmp_path, config, env), GatewayProc(tmp_path, config, env)
+    try:
+        r = httpx.post(a.url + "/key/generate", json={"rpm_limit": 10},
+                       headers={"Authorization": f"Bearer {MASTER}"}, timeout=10)
+        key = r.json()["key"]
+        assert chat(a.url, key).status_code == 200  # a learns: 1 of 10
+        assert [chat(b.url, key).status_code for _ in range(9)] == [200] * 9  # Redis: 10 of 10
+        refused = httpx.post(a.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=30,
+                             json={"model": "tiny", "max_tokens": 4, "stream": True,
+                                   "messages": [{"role": "user", "content": CONTENT}]})
+        assert refused.status_code == 429 and refused.headers["content-type"].startswith("application/json")
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        text = a.metrics()
+        assert metric(text, "tureen_gateway_admitted_ahead_total", outcome="refused") == 1
+        assert metric(text, "tureen_gateway_inflight_requests") == 0
+    finally:
+        a.stop()
+        b.stop()

@@ -16,8 +16,9 @@ let the same atomic admission script run beside it.
   which waits for that admission, corrects the usage and frees the slot as before.
 - **What can differ:** other gateway replicas' traffic since the last report is not seen here. Redis
   can then refuse a request that was already sent (``tureen_gateway_admitted_ahead_total
-  {outcome="refused"}``): a limit is exceeded by at most what all replicas admit ahead within
-  ``max_age_s`` while below ``headroom`` of it. Redis failing beside a request admitted ahead counts
+  {outcome="refused"}``). The client still gets the 429: the limits step's ``before_response`` waits
+  for Redis' answer once the upstream has answered, before the client sees a byte, and the answer is
+  dropped; only the upstream's work is wasted. Redis failing beside a request admitted ahead counts
   as ``outcome="unconfirmed"``; that request is served as ``fail_open`` would serve it, which is
   why nothing is admitted ahead with ``redis_failure_mode: fail_closed``.
 """

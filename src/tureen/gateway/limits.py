@@ -89,6 +89,7 @@ class Admitted:
     charges: list[tuple[str, float | None]]  # (spend name, budget period) to add the cost to
     settled: bool = False
     confirming: asyncio.Task | None = None  # admitted ahead: Redis' own admission, running beside the request
+    plan: "_Plan | None" = None  # admitted ahead: what a refusal names
 
 
 @dataclass
@@ -211,11 +212,24 @@ class LimitsStep:
 
     def _admit_ahead(self, ctx: RequestContext, plan: _Plan, admission: Admission, ahead: Ahead) -> Response | None:
         """Send the request on now; Redis admits it beside it (``admit_ahead.py``), and ``after`` waits for that."""
-        admitted = Admitted(admission, self._token_windows(plan), plan.charges)
+        admitted = Admitted(admission, self._token_windows(plan), plan.charges, plan=plan)
         admitted.confirming = asyncio.get_running_loop().create_task(self._confirm(admitted, plan, ahead, ctx))
         ctx.state[self.name] = admitted
         ctx.response_headers.update(self._headers(plan, ahead.decision))
         return None
+
+    async def before_response(self, ctx: RequestContext) -> Response | None:
+        """A request sent ahead waits here, once the upstream has answered and before the client sees a
+        byte, for Redis' own admission (usually long done): refused there, the client gets the 429 and
+        the answer is dropped, so clients never see a limit exceeded, only the upstream's wasted work."""
+        admitted = ctx.state.get(self.name)
+        if not isinstance(admitted, Admitted) or admitted.confirming is None or admitted.plan is None:
+            return None
+        decision = await asyncio.shield(admitted.confirming)
+        if decision is None or decision.admitted:  # admitted, or Redis failed (served as fail_open would)
+            return None
+        ctx.response_headers.update(self._headers(admitted.plan, decision))
+        return self._refusal(admitted.plan, decision, ctx)
 
     async def _confirm(self, admitted: Admitted, plan: _Plan, ahead: Ahead, ctx: RequestContext) -> Decision | None:
         """Redis' decision on a request admitted ahead; None when Redis failed (it recorded nothing)."""
@@ -229,7 +243,7 @@ class LimitsStep:
         finally:
             self.ahead.confirmed(ahead)
         self.ahead.learn(admitted.admission, decision)
-        if not decision.admitted:  # other replicas used the headroom up: the limit is exceeded by this request
+        if not decision.admitted:  # other replicas used the headroom up: before_response answers the 429
             self.metrics.admitted_ahead.labels("refused").inc()
             return decision
         self.metrics.admitted_ahead.labels("confirmed").inc()
