@@ -80,7 +80,8 @@ def main() -> None:
     for name in TOKENIZER_FILES:
         if (demo / name).exists():
             shutil.copy(demo / name, args.out / name)
-    print(f"{step} steps, {step * args.batch_size * args.seq_len:,} tokens, final loss ~{loss_ema:.2f}; wrote {args.out}")
+    tokens = step * args.batch_size * args.seq_len
+    print(f"{step} steps, {tokens:,} tokens, final loss ~{loss_ema:.2f}; wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -117,7 +117,8 @@ def test_near_a_limit_requests_wait_for_redis(redis_server, monkeypatch):  # noq
         assert metric(s, 'tureen_gateway_admitted_ahead_total{outcome="refused"}') == 0
 
 
-def test_a_request_sent_ahead_that_redis_refuses_gets_the_429_and_not_the_answer(redis_server, monkeypatch):  # noqa: F811
+def test_a_request_sent_ahead_that_redis_refuses_gets_the_429_and_not_the_answer(
+        redis_server, monkeypatch):  # noqa: F811
     # a long max_age_s, so that replica a's report is still "fresh" however slowly b's requests run
     config = make_config(redis_server.url, monkeypatch=monkeypatch, settings={"admit_ahead": {"max_age_s": 600}})
     with PolicyServer(config) as a, PolicyServer(config) as b:

@@ -129,8 +129,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--variants", default="none,int8,int8-a8,int4,int4-a8,fp8",
                    help="Comma-separated variants; the first is the reference: none, int8, fp8, int4 (group 128) "
                         "or int4:G, each optionally with -a8 (int8 activations: int8-a8, int4-a8) and then +lm_head "
-                        "(the LM head quantized too: int4-a8+lm_head, or with its own method: int4-a8+lm_head:int8); other "
-                        "--quantization values pass through "
+                        "(the LM head quantized too: int4-a8+lm_head, or with its own method: "
+                        "int4-a8+lm_head:int8); other --quantization values pass through "
                         "(default: none,int8,int8-a8,int4,int4-a8,fp8).")
     g.add_argument("--num-prompts", type=int, default=32, help="Requests in the offline workload (default: 32).")
     g.add_argument("--input-len", type=int, nargs=2, default=[32, 128], metavar=("MIN", "MAX"),

@@ -179,6 +179,13 @@ class ClientChannel(_Channel):
             self._pending += data
             self._flush_locked()
 
+    def _flush_quietly(self) -> None:
+        with self._lock:
+            try:
+                self._flush_locked()
+            except ChannelClosed:
+                pass  # the read reports it
+
     def _flush_locked(self) -> None:
         while self._pending:
             try:
@@ -197,18 +204,10 @@ class ClientChannel(_Channel):
         """Wait up to ``timeout_s`` for the socket to take what is pending, and send it (while an
         event loop reads the channel, another thread still flushes the writes)."""
         if _poll(self.sock, select.POLLOUT, timeout_s) & select.POLLOUT:
-            with self._lock:
-                try:
-                    self._flush_locked()
-                except ChannelClosed:
-                    pass  # the read reports it
+            self._flush_quietly()
 
     def wait_readable(self, timeout_s: float) -> bool:
         events = _poll(self.sock, select.POLLIN | (select.POLLOUT if self._pending else 0), timeout_s)
         if events & select.POLLOUT:
-            with self._lock:
-                try:
-                    self._flush_locked()
-                except ChannelClosed:
-                    pass  # the read reports it
+            self._flush_quietly()
         return bool(events & ~select.POLLOUT)  # readable, hung up or failed: recv tells which

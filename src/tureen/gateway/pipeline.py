@@ -5,8 +5,8 @@ answer early by returning a ``Response`` (a 401, a 429, a cache hit). Then the a
 the upstream (with retries and fallbacks), and once the response or stream has ended it runs
 ``after`` of every step that passed ``before``, in reverse order, with ``usage``, ``status``,
 ``deployment`` and ``cost`` filled in. Between the two, a step may still refuse a request whose
-upstream has answered, before the client sees a byte of it (``before_response``). A new concern (caches, prompt rendering) is a new step, not an
-``if`` in the handler.
+upstream has answered, before the client sees a byte of it (an optional ``before_response``). A new
+concern (caches, prompt rendering) is a new step, not an ``if`` in the handler.
 """
 
 from __future__ import annotations
@@ -83,13 +83,6 @@ class Step(Protocol):
         ...
 
 
-class ResponseGate(Protocol):
-    """A step that may still refuse a request once the upstream has answered, before the answer's
-    first byte goes to the client (the limits step, when Redis refuses a request it sent ahead)."""
-
-    async def before_response(self, ctx: RequestContext) -> Response | None: ...
-
-
 class Pipeline:
     """Runs steps' ``before`` in order and ``after`` in reverse; ``after`` never raises into a request."""
 
@@ -110,7 +103,8 @@ class Pipeline:
         return None
 
     async def before_response(self, ctx: RequestContext) -> Response | None:
-        """The first refusal of a passed step that is a ``ResponseGate``, or None: send the answer."""
+        """The first refusal by a passed step's optional ``before_response(ctx) -> Response | None``
+        (run once the upstream has answered, before the client sees a byte), or None: send the answer."""
         for step in ctx.state.get("pipeline.passed", []):
             gate = getattr(step, "before_response", None)
             if gate is not None and (answer := await gate(ctx)) is not None:

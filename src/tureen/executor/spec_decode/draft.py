@@ -181,12 +181,12 @@ class SelfDraftProposer:
     def release(self, req_id: str) -> None:
         pass  # no state of its own: the target's blocks are the target's to free
 
-    def _reserve(self, req: Request, k: int, num_running: int) -> bool:
+    def _reserve(self, req: Request, k: int, num_speculating: int) -> bool:
         """Slots for the k positions the draft passes write; the verification step then finds them
         allocated. Drafts that would leave fewer free blocks than there are speculating requests
         are not made: the pool keeps room for everyone's next token, so drafts never push anyone out."""
         need = self.kv.blocks_needed(req.num_computed_tokens + k) - len(req.block_ids)
-        if need > 0 and self.kv.pool.num_free - need < num_running:
+        if need > 0 and self.kv.pool.num_free - need < num_speculating:
             return False
         return self.kv.allocate_slots(req, 0, num_lookahead_tokens=k)
 
