@@ -115,10 +115,15 @@ def test_quantized_gemm_with_fused_silu_mul(ops, bits, rows, i, k, group, bias):
     b = torch.randn(2 * i) if bias else None
     packed = pack(ops, bits, q, scales, zeros, group, b, gate_up=True)
     assert packed.out_features == i
-    x = torch.randn(rows, k) * 3
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)) * 3
     gate, up = F.linear(x, w, b).chunk(2, dim=-1)
     expected = F.silu(gate) * up
-    torch.testing.assert_close(ops.linear(x, packed), expected, atol=tolerance(k, w)["atol"] * 4, rtol=1e-4)
+    # Each projection is off by at most e (float32 sums of k products, |x| up to max|x|); the
+    # product then by |d/dg silu(g) u| e + |silu(g)| e, with |silu'| < 1.1 everywhere.
+    e = tolerance(k, w)["atol"] * float(x.abs().max())
+    bound = e * (1.1 * up.abs() + F.silu(gate).abs()) + e * e + 1e-6
+    error = (ops.linear(x, packed) - expected).abs()
+    assert (error <= bound).all(), f"max error {float(error.max())}, worst excess {float((error - bound).max())}"
     with pytest.raises(ValueError, match="multiple of 8"):
         pack(ops, bits, *random_weight(bits, 2 * i + 2, k, group, asym=True), group, gate_up=True)
 
