@@ -73,3 +73,12 @@ def test_a8_variants_ask_for_int8_activations(spec, name, group):
     assert "quantization_activation" not in Variant.parse(spec[:-3]).engine_kwargs()
     with pytest.raises(ValueError, match="need a quantized variant"):
         Variant.parse("none-a8")
+
+
+def test_top1_agreement_comes_with_its_95_percent_interval():
+    """A 99% target cannot be judged on a few hundred positions: the report says how sure it is."""
+    from tureen.bench.quant import Fidelity
+
+    assert Fidelity(1024, 1e-5, 0.99, 10.0, 10.0).top1_margin() == pytest.approx(0.0061, abs=1e-4)
+    assert Fidelity(4096, 1e-5, 0.99, 10.0, 10.0).top1_margin() == pytest.approx(0.00305, abs=1e-4)
+    assert Fidelity(4096, 0.0, 1.0, 10.0, 10.0).top1_margin() < 1e-4
