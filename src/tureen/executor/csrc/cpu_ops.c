@@ -25,6 +25,7 @@
 #include <string.h>
 
 #include "attention.h"
+#include "panels.h"
 #include "simd.h"
 
 /* ---- 1. paged decode attention ------------------------------------------------------------
@@ -299,11 +300,14 @@ void tureen_linear_f32(const float *x, int64_t ldx, float *y, int64_t M, const f
     const int panel_cols = gate_up ? PANEL / 2 : PANEL;
     int64_t row_block = 192 * 1024 / (int64_t)sizeof(float) / (K < k_block ? K : k_block) / TILE_ROWS * TILE_ROWS;
     if (row_block < TILE_ROWS) row_block = TILE_ROWS;
+    const int nt = num_threads > 0 ? num_threads : 1;
+    PanelRange ranges[nt];
     for (int64_t m0 = 0; m0 < M; m0 += row_block) {
         const int64_t m1 = m0 + row_block < M ? m0 + row_block : M;
         const int64_t tiles = (m1 - m0 + TILE_ROWS - 1) / TILE_ROWS;
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-        for (int64_t p = 0; p < panels; p++) {
+        panel_ranges_init(ranges, nt, panels);
+#pragma omp parallel num_threads(nt)
+        for (int64_t p, self = panel_thread(); (p = panel_next(ranges, nt, (int)self)) >= 0;) {
             const float *panel = packed + p * K * PANEL;
             const int cols = ldy - p * panel_cols < panel_cols ? (int)(ldy - p * panel_cols) : panel_cols;
             const int prefetch_next = m0 == 0 && p + 1 < panels;

@@ -20,6 +20,7 @@
  */
 #include <stdlib.h>
 
+#include "panels.h"
 #include "simd.h"
 
 #define TUREEN_ACT_INT8 0x100 /* in `bits`: int8 activations, the layout of quant_w8a8.c */
@@ -203,11 +204,14 @@ int tureen_linear_quant(const float *x, int64_t ldx, float *y, int64_t M, const 
     /* Rows in blocks whose x stays in L2 while every panel streams past it. */
     int64_t row_block = 192 * 1024 / (int64_t)sizeof(float) / K / QTILE_ROWS * QTILE_ROWS;
     if (row_block < QTILE_ROWS) row_block = QTILE_ROWS;
+    const int nt = num_threads > 0 ? num_threads : 1;
+    PanelRange ranges[nt];
     for (int64_t m0 = 0; m0 < M; m0 += row_block) {
         const int64_t m1 = m0 + row_block < M ? m0 + row_block : M;
         const int64_t tiles = (m1 - m0 + QTILE_ROWS - 1) / QTILE_ROWS;
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-        for (int64_t p = 0; p < panels; p++) {
+        panel_ranges_init(ranges, nt, panels);
+#pragma omp parallel num_threads(nt)
+        for (int64_t p, self = panel_thread(); (p = panel_next(ranges, nt, (int)self)) >= 0;) {
             const int prefetch_next = m0 == 0 && p + 1 < panels;
             /* next-panel bytes each tile prefetches, in whole cache lines */
             const int64_t share = ((panel_bytes + tiles - 1) / tiles + 63) / 64 * 64;

@@ -37,6 +37,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "panels.h"
 #include "simd.h"
 
 /* The VNNI implementations need a compiler that knows the avxvnni target (GCC 11, clang 12);
@@ -440,10 +441,13 @@ int tureen_linear_w8a8(const float *x, int64_t ldx, float *y, int64_t M, const u
     /* Rows in blocks whose quantized x (a byte an input) stays in L2 while every panel streams past. */
     int64_t row_block = 256 * 1024 / K / WTILE_ROWS * WTILE_ROWS;
     if (row_block < WTILE_ROWS) row_block = WTILE_ROWS;
+    const int nt = num_threads > 0 ? num_threads : 1;
+    PanelRange ranges[nt];
     for (int64_t m0 = 0; m0 < M; m0 += row_block) {
         const int64_t m1 = m0 + row_block < M ? m0 + row_block : M;
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-        for (int64_t p = 0; p < panels; p++) {
+        panel_ranges_init(ranges, nt, panels);
+#pragma omp parallel num_threads(nt)
+        for (int64_t p, self = panel_thread(); (p = panel_next(ranges, nt, (int)self)) >= 0;) {
             const WPanel P = {qweight + p * panel_bytes, params + p * G * 2 * WPANEL, bias ? bias + p * WPANEL : 0,
                               K, group, ablock, bits,
                               ldy - p * panel_cols < panel_cols ? (int)(ldy - p * panel_cols) : panel_cols,
