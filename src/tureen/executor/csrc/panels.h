@@ -23,8 +23,8 @@
 #endif
 
 typedef struct {
-    int64_t word;
-    char pad[56]; /* one range per cache line: owners do not share lines */
+    _Alignas(64) int64_t word; /* one range per cache line: owners do not share lines */
+    char pad[56];
 } PanelRange;
 
 #define PANEL_RANGE(next, end) ((int64_t)(((uint64_t)(end) << 32) | (uint32_t)(next)))
