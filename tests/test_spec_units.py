@@ -273,7 +273,10 @@ def test_bench_spec_reports_every_method_side_by_side(llama_dir, tmp_path):
     assert {(r["workload"], r["batch_size"], r["method"]) for r in rows} == {
         (w, b, m) for w in ("echo", "ordinary") for b in (1, 3) for m in ("none", "ngram", "self-int8")}
     for r in rows:
-        assert r["median_tokens_per_s"] > 0
+        assert r["median_tokens_per_s"] > 0 and r["median_tpot_ms"] > 0
+        base = next(b for b in rows if (b["workload"], b["batch_size"], b["method"]) ==
+                    (r["workload"], r["batch_size"], "none"))
+        assert r["decode_speedup"] == pytest.approx(base["median_tpot_ms"] / r["median_tpot_ms"])
         if r["method"] == "none" or r["batch_size"] == 3:  # batch 3 > disable_by_batch_size 2: off
             assert r["num_drafts"] == 0
         elif r["method"] == "self-int8":  # n-gram may find nothing to copy in a random model's output

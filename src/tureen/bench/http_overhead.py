@@ -105,6 +105,7 @@ class OfflineRun:
 
 def offline_throughput(engine, prompts: list[list[int]], output_len: int, concurrency: int) -> OfflineRun:
     """Output tok/s with ``concurrency`` requests always in flight (refilled as each finishes)."""
+    from tureen.bench.metrics import offline_tpot_ms
     from tureen.sampling_params import RequestOutputKind, SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True,
@@ -123,17 +124,9 @@ def offline_throughput(engine, prompts: list[list[int]], output_len: int, concur
             if out.finished:
                 in_flight -= 1
                 produced += sum(len(c.token_ids) for c in out.outputs)
-                tpots.extend(_tpot_ms(out))
+                tpots.extend(offline_tpot_ms(out))
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
     return OfflineRun(produced / wall, statistics.median(tpots) if tpots else 0.0, cpu, produced)
-
-
-def _tpot_ms(out) -> list[float]:
-    """Time per output token after the first, as ``tureen bench serve`` computes it for HTTP."""
-    m, n = out.metrics, len(out.outputs[0].token_ids) if out.outputs else 0
-    if m is None or m.first_token_time is None or m.finished_time is None or n < 2:
-        return []
-    return [(m.finished_time - m.first_token_time) / (n - 1) * 1000]
 
 
 def random_prompts(tokenizer, n: int, length: int, seed: int) -> list[list[int]]:

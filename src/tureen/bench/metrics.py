@@ -131,3 +131,12 @@ def per_request_arrays(records: list[RequestRecord]) -> dict[str, list[Any]]:
         "start_times": [r.start_time for r in records],
         "errors": [r.error for r in records],
     }
+
+
+def offline_tpot_ms(out) -> list[float]:
+    """An offline ``RequestOutput``'s time per output token after the first, in ms, as ``tureen
+    bench serve`` computes TPOT over HTTP; empty when it has no timings or fewer than two tokens."""
+    m, n = out.metrics, len(out.outputs[0].token_ids) if out.outputs else 0
+    if m is None or m.first_token_time is None or m.finished_time is None or n < 2:
+        return []
+    return [(m.finished_time - m.first_token_time) / (n - 1) * 1000]

@@ -43,11 +43,16 @@ class Cell:
     batch_size: int
     method: str
     tokens_per_s: list[float] = field(default_factory=list)
+    tpot_ms: list[float] = field(default_factory=list)  # per run: the median request's time per token after the first
     counters: SpecCounters = SpecCounters()
 
     @property
     def median_tokens_per_s(self) -> float:
         return statistics.median(self.tokens_per_s)
+
+    @property
+    def median_tpot_ms(self) -> float | None:
+        return statistics.median(self.tpot_ms) if self.tpot_ms else None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -105,11 +110,16 @@ def workload_prompts(tokenizer, name: str, count: int, seed: int) -> list[list[i
 
 
 def _timed(llm, prompts, params, cell: Cell) -> None:
+    from tureen.bench.metrics import offline_tpot_ms
+
     before = llm.llm_engine.scheduler.spec_stats.snapshot()
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
     cell.tokens_per_s.append(sum(len(o.outputs[0].token_ids) for o in outs) / seconds)
+    tpots = [t for o in outs for t in offline_tpot_ms(o)]
+    if tpots:
+        cell.tpot_ms.append(statistics.median(tpots))
     delta = llm.llm_engine.scheduler.spec_stats.delta(before)
     step = SpecCounters(delta.num_drafts, delta.num_draft_tokens, delta.num_accepted_tokens)
     cell.counters = cell.counters.plus(step)
@@ -163,12 +173,21 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def summary(cells: list[Cell]) -> list[dict]:
-    base = {(c.workload, c.batch_size): c.median_tokens_per_s for c in cells if c.method == "none"}
+    """One row per cell. ``speedup`` is end to end (prefill included, as a client sees a whole
+    request); ``decode_speedup`` compares the time per token after the first, what speculation
+    itself changes."""
+    base = {(c.workload, c.batch_size): c for c in cells if c.method == "none"}
     return [{**{k: v for k, v in asdict(c).items() if k != "counters"}, **asdict(c.counters),
              "median_tokens_per_s": c.median_tokens_per_s,
-             "speedup": c.median_tokens_per_s / base[(c.workload, c.batch_size)],
+             "speedup": c.median_tokens_per_s / base[(c.workload, c.batch_size)].median_tokens_per_s,
+             "median_tpot_ms": c.median_tpot_ms,
+             "decode_speedup": _ratio(base[(c.workload, c.batch_size)].median_tpot_ms, c.median_tpot_ms),
              "acceptance_rate": c.counters.acceptance_rate, "mean_acceptance_length": c.counters.mean_acceptance_length}
             for c in cells]
+
+
+def _ratio(base: float | None, value: float | None) -> float | None:
+    return base / value if base and value else None
 
 
 def _report(args: argparse.Namespace, cells: list[Cell]) -> None:
@@ -178,17 +197,23 @@ def _report(args: argparse.Namespace, cells: list[Cell]) -> None:
     rows = summary(cells)
     table = Table(title=f"Speculative decoding, k={args.num_speculative_tokens}, greedy, {args.output_len} tokens "
                         f"per request (median of {args.repeats} rotating runs)")
-    for col in ("workload", "batch", "method", "tok/s", "speedup", "acceptance", "mean accepted length"):
+    for col in ("workload", "batch", "method", "tok/s", "speedup", "TPOT ms", "decode speedup", "acceptance",
+                "mean accepted length"):
         table.add_column(col, justify="right")
     threshold = args.disable_by_batch_size or None
     for r in rows:
         off = r["method"] != "none" and threshold is not None and r["batch_size"] > threshold
         table.add_row(r["workload"], str(r["batch_size"]), r["method"], f"{r['median_tokens_per_s']:.1f}",
-                      f"{r['speedup']:.2f}x", "off (threshold)" if off else
+                      f"{r['speedup']:.2f}x", "-" if r["median_tpot_ms"] is None else f"{r['median_tpot_ms']:.2f}",
+                      "-" if r["decode_speedup"] is None else f"{r['decode_speedup']:.2f}x",
+                      "off (threshold)" if off else
                       "-" if r["method"] == "none" else "no drafts" if r["acceptance_rate"] is None else
                       f"{100 * r['acceptance_rate']:.1f}%",
                       "-" if r["mean_acceptance_length"] is None else f"{r['mean_acceptance_length']:.2f}")
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # a log file: no reason to wrap at 80 columns
+        console = Console(width=160)
+    console.print(table)
     if args.save_result:
         with open(args.save_result, "w") as f:
             json.dump(rows, f, indent=2)
