@@ -88,3 +88,29 @@ def test_handoff_summary_is_of_one_run():
     assert summary["mean"] == pytest.approx(0.1 / 20 * 1000)
     assert 1.0 < summary["p50"] < 10.0
     assert handoff_summary({}, {}) == {}
+
+
+def test_bench_http_overhead_runs_both_sides_every_round(llama_dir, tmp_path):
+    """The whole benchmark on the tiny checkpoint, two rounds (the second runs HTTP first): every
+    list has one entry per round, the ratios are HTTP over offline, and no server is left behind."""
+    import json
+
+    from tureen.bench.http_overhead import Level
+    from tureen.cli import main
+
+    out = tmp_path / "overhead.json"
+    code = main(["bench", "http-overhead", str(llama_dir), "--num-prompts", "4", "--input-len", "8",
+                 "--output-len", "6", "--concurrency", "2", "--single-stream", "2", "--repeat", "2",
+                 "--max-model-len", "64", "--kv-cache-memory", "16MiB", "--save-result", str(out)])
+    assert code in (0, None)
+    doc = json.loads(out.read_text())
+    assert doc["repeat"] == 2 and [lv["concurrency"] for lv in doc["levels"]] == [1, 2]
+    for lv in doc["levels"]:
+        assert len(lv["offline_tok_s"]) == len(lv["http_tok_s"]) == len(lv["cpu_us_per_token"]) == 2
+        assert lv["ratios"] == pytest.approx([h / o for h, o in zip(lv["http_tok_s"], lv["offline_tok_s"])])
+        assert all(c["offline"] > 0 and c["engine"] > 0 for c in lv["cpu_us_per_token"])
+    assert set(Level.__dataclass_fields__) <= set(doc["levels"][0])
+    import psutil
+
+    left = [p for p in psutil.Process().children(recursive=True) if "tureen" in " ".join(p.cmdline())]
+    assert not left, [p.cmdline() for p in left]

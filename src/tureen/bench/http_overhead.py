@@ -69,7 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=1024, help="Engine max_model_len (default: 1024).")
     p.add_argument("--kv-cache-memory", default="2GiB", help="Engine KV-cache budget (default: 2GiB).")
     p.add_argument("--repeat", type=int, default=1,
-                   help="Rounds; each runs every level offline then over HTTP, back to back (default: 1).")
+                   help="Rounds; each runs every level offline and over HTTP back to back, HTTP first in every "
+                        "second round so that drift cancels over an even count (default: 1).")
     p.add_argument("--single-stream", type=int, default=8, metavar="N",
                    help="Also run N requests one at a time, offline at batch 1 and over HTTP with "
                         "--max-concurrency 1, to compare time per output token (0: skip; default: 8).")
@@ -307,7 +308,9 @@ def histogram_quantile(q: float, edges: list[float], cumulative: dict[float, flo
 
 
 def run_rounds(args: argparse.Namespace, levels: list[Level], workdir: Path) -> None:
-    """Server up, offline engine loaded; then per round and level: offline, then HTTP, back to back."""
+    """Server up, offline engine loaded; then per round and level, offline and HTTP back to back:
+    offline first in even rounds, HTTP first in odd ones, so a machine whose speed drifts within a
+    round favours neither side over an even number of rounds."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     with open(workdir / "server.log", "w") as log:
@@ -318,11 +321,15 @@ def run_rounds(args: argparse.Namespace, levels: list[Level], workdir: Path) -> 
             for round_ in range(args.repeat):
                 for i, level in enumerate(levels):
                     seed = 100 + round_ * len(levels) + i  # fresh prompts every run: no prefix-cache hits
+                    http_first = round_ % 2 == 1
+                    if http_first:
+                        measure_http(url, ServerProcesses(server.pid), args, level, 0, seed, workdir)
                     run = offline.measure(level, seed)
                     level.offline_tok_s.append(run.tok_s)
                     level.offline_tpot_ms.append(run.tpot_ms)
-                    measure_http(url, ServerProcesses(server.pid), args, level,
-                                 WARMUP_REQUESTS if round_ == 0 else 0, seed, workdir)
+                    if not http_first:
+                        measure_http(url, ServerProcesses(server.pid), args, level,
+                                     WARMUP_REQUESTS if round_ == 0 else 0, seed, workdir)
                     level.cpu_us_per_token[-1]["offline"] = run.cpu_s / max(run.tokens, 1) * 1e6
                     print(f"round {round_ + 1}, {level.concurrency} streams: offline {level.offline_tok_s[-1]:.1f}, "
                           f"HTTP {level.http_tok_s[-1]:.1f} output tok/s", file=sys.stderr)
