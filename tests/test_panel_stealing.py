@@ -11,11 +11,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-import torch
-
-from tureen.executor import cpu_kernels
-
 TESTS = Path(__file__).parent
 
 # Five weights, one per kernel (float32, int8 and int4 weight-only, int8 and int4 W8A8, one with
@@ -47,12 +42,6 @@ def _digests(env_extra: dict[str, str], *threads: int) -> dict[int, str]:
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return {int(t): d for t, d in (line.split() for line in out.stdout.splitlines())}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _kernels():
-    if cpu_kernels.load_cpu_ops("auto", torch.device("cpu"), torch.float32, 64) is None:
-        pytest.skip("the native CPU kernels are not available here")
 
 
 def test_ranges_whose_threads_never_start_are_stolen():
