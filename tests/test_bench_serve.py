@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
-from tureen.bench.client import RequestRecord, sse_events  # noqa: E402
+from tureen.bench.client import RequestRecord, SSEParser  # noqa: E402
 from tureen.bench.datasets import build_samples  # noqa: E402
 from tureen.bench.metrics import compute_metrics  # noqa: E402
 from tureen.bench.serve import arrival_offsets, bench_serve  # noqa: E402
@@ -489,16 +489,16 @@ def test_requests_are_sent_on_the_arrival_schedule(server: FakeServer) -> None:
     assert doc["duration"] >= expected[-1]
 
 
-def test_sse_parser_handles_comments_multiline_data_and_error_events() -> None:
-    lines = [": ping", "data: {\"a\":", "data: 1}", "", "event: error", "data: {\"x\": 2}", "", "", "data: [DONE]"]
-
-    async def collect():
-        async def gen():
-            for line in lines:
-                yield line
-        return [e async for e in sse_events(gen())]
-
-    assert asyncio.run(collect()) == [("message", '{"a":\n1}'), ("error", '{"x": 2}'), ("message", "[DONE]")]
+def test_sse_parser_handles_comments_multiline_data_crlf_and_split_chunks() -> None:
+    body = b': ping\ndata: {"a":\r\ndata: 1}\n\nevent: error\ndata: {"x": 2}\n\n\ndata: [DONE]'
+    expected = [("message", b'{"a":\n1}'), ("error", b'{"x": 2}'), ("message", b"[DONE]")]
+    whole = SSEParser()
+    assert whole.feed(body) + whole.flush() == expected
+    for size in (1, 2, 5):  # any split of the bytes gives the same events
+        parser, events = SSEParser(), []
+        for i in range(0, len(body), size):
+            events += parser.feed(body[i:i + size])
+        assert events + parser.flush() == expected
 
 
 # ----------------------------------------------------------------------------- Ctrl-C

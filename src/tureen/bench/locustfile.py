@@ -43,7 +43,7 @@ from locust import HttpUser, events, task
 from locust.exception import StopUser
 from locust.env import Environment
 
-from tureen.bench.client import SSEDecoder, StreamError, build_payload, choice_text, first_model_id, \
+from tureen.bench.client import SSEParser, StreamError, build_payload, choice_text, first_model_id, \
     parse_event, sync_http_client
 from tureen.bench.datasets import SampleRequest, build_samples
 from tureen.bench.serve_config import TargetConfig, WorkloadConfig
@@ -133,26 +133,27 @@ class OpenAIStreamingUser(HttpUser):
 
 def _read_stream(resp: Any, start: float, timeout: float) -> tuple[float, float, int]:
     """(TTFT s, E2E s, output tokens) of one SSE response, with the same rules as bench serve."""
-    decoder, ttft, last, tokens, chunks = SSEDecoder(), None, None, 0, 0
-    for raw in resp.iter_lines(chunk_size=None, decode_unicode=True):  # as bytes arrive
+    events, ttft, last, tokens, chunks, done = SSEParser(), None, None, 0, 0, False
+    for raw in resp.iter_content(chunk_size=None):  # as bytes arrive
         now = time.perf_counter()
         if now - start > timeout:
             raise StreamError("timeout", f"no complete response within {timeout:g} s")
-        event = decoder.feed(raw or "")
-        if event is None:
-            continue
-        if event[1] == "[DONE]":
+        for event, data in events.feed(raw):
+            done = data == b"[DONE]"
+            if done:
+                break
+            obj = parse_event(event, data)
+            choices = obj.get("choices")
+            if choices and isinstance(choices[0], dict):
+                last = now
+                if choice_text(choices[0]):
+                    ttft = now - start if ttft is None else ttft
+                    chunks += 1
+            usage = obj.get("usage")
+            if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+                tokens = usage["completion_tokens"]
+        if done:
             break
-        obj = parse_event(*event)
-        choices = obj.get("choices")
-        if choices and isinstance(choices[0], dict):
-            last = now
-            if choice_text(choices[0]):
-                ttft = now - start if ttft is None else ttft
-                chunks += 1
-        usage = obj.get("usage")
-        if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
-            tokens = usage["completion_tokens"]
     if last is None:
         raise StreamError("no_content", "the stream ended without any completion chunk")
     return (ttft if ttft is not None else last - start), last - start, tokens or chunks

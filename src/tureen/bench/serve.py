@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import aiohttp
 import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -29,6 +28,7 @@ from tureen.bench.metrics import compute_metrics
 from tureen.bench.report import print_result, print_sweep, result_document, write_json
 from tureen.bench.serve_config import LoadConfig, ServeBenchConfig, TargetConfig
 from tureen.bench.spec_metrics import scrape_spec_counters
+from tureen.bench.sse_client import StreamingClient
 from tureen.bench.token_codec import LocalCodec, ServerCodec, TokenCodec
 
 DEADLINE_SLACK_S = 30.0
@@ -93,7 +93,7 @@ async def execute_run(target: TargetConfig, plan: RunPlan,
     stop = asyncio.Event()
     restore_sigint = _stop_on_sigint(stop)
     try:
-        async with make_http_client(target, plan.concurrency) as http:
+        async with make_http_client(target) as http:
             warmup_failed = await _warmup(http, target, payloads[0], plan.warmup, plan.concurrency)
             t0, cpu0 = time.perf_counter(), time.process_time()
             tasks: list[asyncio.Task] = []
@@ -133,7 +133,7 @@ async def _wait_bounded(main: asyncio.Task, stop: asyncio.Event, deadline_s: flo
     return stopped
 
 
-async def _guarded_send(http: aiohttp.ClientSession, target: TargetConfig, payload: dict[str, Any],
+async def _guarded_send(http: StreamingClient, target: TargetConfig, payload: dict[str, Any],
                         record: RequestRecord, t0: float) -> None:
     try:
         await send_request(http, target, payload, record, t0)
@@ -150,7 +150,7 @@ def _mark_cancelled(records: list[RequestRecord], stopped: str | None) -> None:
             r.fail("cancelled", f"still running at {why}")
 
 
-async def _warmup(http: aiohttp.ClientSession, target: TargetConfig, payload: dict[str, Any], n: int,
+async def _warmup(http: StreamingClient, target: TargetConfig, payload: dict[str, Any], n: int,
                   concurrency: int | None) -> int:
     """Send ``n`` unmeasured copies of the first request; return how many failed."""
     if n <= 0:
