@@ -16,30 +16,46 @@ right after those outputs are delivered.
 from __future__ import annotations
 
 import asyncio
+import collections
 from typing import Any
 
 from tureen.outputs import CompletionOutput, RequestOutput
 
 
 class OutputStream:
+    """A single consumer's queue: a deque and one waiter future (an ``asyncio.Queue`` does more work
+    per item than the token it carries is worth: getter bookkeeping, task counting, loop checks)."""
+
     def __init__(self, coalesce: bool) -> None:
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._items: collections.deque[Any] = collections.deque()
+        self._waiter: asyncio.Future | None = None  # the consumer, waiting for an item
         self._coalesce = coalesce  # only delta outputs can be merged; cumulative ones are just superseded
         self._held: BaseException | None = None
 
     def put_nowait(self, item: RequestOutput | BaseException) -> None:
-        self._queue.put_nowait(item)
+        """Called on the consumer's event loop (from another thread: through ``call_soon_threadsafe``)."""
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def get(self) -> RequestOutput:
         """The next output (merged with any others already waiting); raises a queued error."""
         if self._held is not None:
             held, self._held = self._held, None
             raise held
-        item = await self._queue.get()
+        items = self._items
+        while not items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        item = items.popleft()
         if isinstance(item, BaseException):
             raise item
-        while self._coalesce and not item.finished and not self._queue.empty():
-            nxt = self._queue.get_nowait()
+        while self._coalesce and not item.finished and items:
+            nxt = items.popleft()
             if isinstance(nxt, BaseException):
                 self._held = nxt  # deliver what came before it first
                 break
