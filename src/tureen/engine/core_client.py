@@ -185,6 +185,7 @@ class EngineCoreClient:
         self._engine: _Engine | None = None
         self._dead_reason: str | None = None
         self._stats = EngineStats()
+        self._latest: tuple[EngineStats, float] | None = None  # the engine's last snapshot and when it came, not folded in
         self._carried: dict[str, int] = {}  # counters of engine processes that are gone
         atexit.register(self._kill_quietly)
         self._engine = self._start_engine()  # raises the engine's own start-up error
@@ -264,6 +265,15 @@ class EngineCoreClient:
         self._send(AbortRequests([request_id]))
 
     def stats(self) -> EngineStats:
+        return self._fold()
+
+    def _fold(self) -> EngineStats:
+        """The stats, with the engine's latest snapshot folded in: once when asked, not on every step."""
+        latest, self._latest = self._latest, None
+        if latest is not None:
+            stats, heartbeat = latest
+            self._stats = replace(stats, heartbeat=heartbeat, is_alive=True, engine_restarts=self._num_restarts,
+                                  **self._counters(stats))
         return self._stats
 
     @property
@@ -298,7 +308,7 @@ class EngineCoreClient:
             engine.kill()
             engine.close()
         self._fail_all(EngineDeadError("the server is shutting down"))
-        self._stats = replace(self._stats, is_alive=False)
+        self._stats = replace(self._fold(), is_alive=False)
 
     # ---- sending -----------------------------------------------------------------------------
     def _send(self, message: Any) -> None:
@@ -416,8 +426,7 @@ class EngineCoreClient:
     def _on_message(self, message: Any, here: asyncio.AbstractEventLoop | None = None) -> None:
         if not isinstance(message, StepOutputs):
             return
-        self._stats = replace(message.stats, heartbeat=time.monotonic(), is_alive=True,
-                              engine_restarts=self._num_restarts, **self._counters(message.stats))
+        self._latest = (message.stats, time.monotonic())
         if message.outputs:
             self._dispatch(message.outputs, here)
 
@@ -481,9 +490,10 @@ class EngineCoreClient:
 
     def _recover(self, failure: str) -> None:
         logger.error("%s: failing its in-flight requests and restarting it", failure)
-        self._stats = replace(self._stats, is_alive=False, num_running=0, num_waiting=0, kv_cache_usage=0.0)
+        self._stats = replace(self._fold(), is_alive=False, num_running=0, num_waiting=0, kv_cache_usage=0.0)
         self._carried = {name: getattr(self._stats, name) for name in COUNTERS}
         self._retire_engine()
+        self._latest = None  # a snapshot that came in meanwhile is the dead engine's
         self._fail_all(EngineDeadError(f"the engine failed while serving this request ({failure}); retry it"))
         while not self._stopping:
             now = time.monotonic()
