@@ -115,8 +115,7 @@ class Generation:
 
     def _observe(self, index: int, out: RequestOutput) -> None:
         tracker = self.trackers[index]
-        tracker.observe(out)
-        if self._unwritten_since is None and out.metrics is not None and any(c.token_ids for c in out.outputs):
+        if tracker.observe(out) and self._unwritten_since is None and out.metrics is not None:
             self._unwritten_since = out.metrics.last_token_time
         if out.finished:
             tracker.finish()

@@ -40,16 +40,20 @@ class RequestTracker:
         self._last_token_time: float | None = None  # the engine's stamp of the last token counted
         self._done = False
 
-    def observe(self, out: RequestOutput) -> None:
+    def observe(self, out: RequestOutput) -> int:
+        """Count one output's tokens (and their gaps); returns the most tokens any of its completions got."""
         self.timing = out.metrics or self.timing
         self.cached = out.num_cached_tokens
-        steps = max((len(c.token_ids) for c in out.outputs), default=0)
-        self.generated += sum(len(c.token_ids) for c in out.outputs)
-        for c in out.outputs:
+        steps = 0
+        for c in out.outputs:  # one pass: this runs for every token of every stream
+            tokens = len(c.token_ids)
+            self.generated += tokens
+            steps = tokens if tokens > steps else steps
             if c.finish_reason is not None:
                 self.finish_reasons[c.index] = c.finish_reason
         if steps:
             self._observe_token_gaps(steps, out.metrics)
+        return steps
 
     def _observe_token_gaps(self, tokens: int, timing: RequestMetrics | None) -> None:
         """One ITL observation per token after the first, timed by the engine's own token stamps.
