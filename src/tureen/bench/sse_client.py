@@ -47,7 +47,7 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
+        self.parser: httptools.HttpResponseParser | None = None  # a fresh one per response (start)
         self.sink: BodySink | None = None
         self.done: asyncio.Future | None = None
         self.received = False  # a byte of the current response has arrived
@@ -65,6 +65,7 @@ class _Connection(asyncio.Protocol):
         if self.done is None or self.complete:
             return
         self.received = True
+        assert self.parser is not None
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:  # the sink's own error (a StreamError) ends the response
@@ -88,7 +89,7 @@ class _Connection(asyncio.Protocol):
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
-        assert self.sink is not None
+        assert self.sink is not None and self.parser is not None
         self.sink.on_headers(self.parser.get_status_code(), self._reason.decode("latin-1"), self._headers)
 
     def on_body(self, body: bytes) -> None:
@@ -98,6 +99,7 @@ class _Connection(asyncio.Protocol):
             self.done.set_result(None)  # what follows ([DONE]'s chunk end) is not waited for
 
     def on_message_complete(self) -> None:
+        assert self.parser is not None
         self.complete = True
         self.reusable = self.parser.should_keep_alive()
         if self.done is not None and not self.done.done():
@@ -133,7 +135,8 @@ class StreamingClient:
         self.port = url.port or (443 if url.scheme == "https" else 80)
         self.ssl = ssl.create_default_context() if url.scheme == "https" else None
         self.prefix = url.path.rstrip("/")
-        host = self.host if url.port is None else f"{self.host}:{url.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 address
+        host = host if url.port is None else f"{host}:{url.port}"
         lines = [f"Host: {host}", "Content-Type: application/json", "Accept: text/event-stream",
                  *(f"{k}: {v}" for k, v in (headers or {}).items())]
         self._head = "\r\n".join(lines).encode("latin-1")
