@@ -31,6 +31,8 @@ class OutputStream:
         self._waiter: asyncio.Future | None = None  # the consumer, waiting for an item
         self._coalesce = coalesce  # only delta outputs can be merged; cumulative ones are just superseded
         self._held: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the consumer's, looked up once: on Python 3.11
+        # every asyncio.get_running_loop() is a getpid() system call, a few us per token
 
     def put_nowait(self, item: RequestOutput | BaseException) -> None:
         """Called on the consumer's event loop (from another thread: through ``call_soon_threadsafe``)."""
@@ -46,7 +48,9 @@ class OutputStream:
             raise held
         items = self._items
         while not items:
-            self._waiter = asyncio.get_running_loop().create_future()
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._waiter = self._loop.create_future()
             try:
                 await self._waiter
             finally:
