@@ -385,12 +385,12 @@ class EngineCoreClient:
                 reader.loop.remove_reader(reader.fd)  # a stopped loop: nothing runs there to race with
             fd = engine.channel.sock.fileno()
             loop.remove_reader(fd)  # a stale registration of this descriptor number (an engine before)
-            loop.add_reader(fd, self._on_readable, engine)
+            loop.add_reader(fd, self._on_readable, engine, loop)
             self._loop_reader = _LoopReader(loop, engine, fd)
 
-    def _on_readable(self, engine: _Engine) -> None:
-        """The event loop's callback: one read, decoded and put into the streams right here."""
-        loop = asyncio.get_running_loop()
+    def _on_readable(self, engine: _Engine, loop: asyncio.AbstractEventLoop) -> None:
+        """The event loop's callback: one read, decoded and put into the streams right here.
+        (``loop`` is the one it was registered on, passed in: asking asyncio costs a getpid().)"""
         with self._read_lock:
             reader = self._loop_reader
             if reader is None or reader.engine is not engine or reader.loop is not loop:
