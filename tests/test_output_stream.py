@@ -65,6 +65,27 @@ def test_nothing_is_merged_past_the_final_output_or_for_non_delta_kinds():
     assert [o.outputs[0].text for o in cumulative] == ["a", "ab"]
 
 
+def test_a_consumer_waiting_for_every_token_looks_its_event_loop_up_once(monkeypatch):
+    """On Python 3.11 each asyncio.get_running_loop() is a getpid() system call: not one per token."""
+    lookups = []
+    real = asyncio.get_running_loop
+
+    def counting():
+        lookups.append(1)
+        return real()
+
+    async def run():
+        s, loop, got = OutputStream(coalesce=True), real(), []
+        monkeypatch.setattr(asyncio, "get_running_loop", counting)
+        for step in range(1, 6):  # each output arrives while the consumer waits for it
+            loop.call_soon(s.put_nowait, out(step, comp(0, str(step), [step]), finished=step == 5))
+            got.append((await s.get()).outputs[0].text)
+        monkeypatch.setattr(asyncio, "get_running_loop", real)
+        return got
+    assert asyncio.run(run()) == ["1", "2", "3", "4", "5"]
+    assert len(lookups) == 1
+
+
 def test_a_slow_consumer_of_the_real_engine_gets_every_token_in_fewer_chunks(llama_dir):
     from tureen.engine.async_llm import AsyncLLM
 
