@@ -18,6 +18,9 @@
  *    out. Measured on a 2-core AVX2 VM at decode batch sizes: 85-90% of the FMA peak where
  *    oneDNN's kernels reach 65-75%.
  *
+ * 7. The same kernels as ops of the runtime in pool.h (tasks.h): rows, panels and sequences computed
+ *    by the very functions the OpenMP loops call, into a thread's own buffer, then committed.
+ *
  * Everything is float32, as in the reference models; results match torch up to float rounding.
  */
 #include <stdint.h>
@@ -27,6 +30,7 @@
 #include "attention.h"
 #include "panels.h"
 #include "simd.h"
+#include "tasks.h"
 
 /* ---- 1. paged decode attention ------------------------------------------------------------
  *
@@ -118,26 +122,25 @@ int tureen_paged_decode_f32(const float *q, int64_t q_stride, const float *k_cac
  * Row t of x (T, N), rows x_stride apart: when residual (T, N, contiguous) is given, first
  * residual[t] += x[t]; then out[t] = w * r * 1/sqrt(mean(r^2) + eps) with r the (updated)
  * residual row, or x[t] itself without one. out (T, N) is contiguous and may alias x. */
+static inline void norm_row(const float *in, float *res, const float *w, float *o, int64_t N, float eps) {
+    const float *r = in;
+    if (res) {
+        for (int64_t i = 0; i < N; i++) res[i] += in[i];
+        r = res;
+    }
+    v8 acc = {0};
+    int64_t i = 0;
+    for (; i + 8 <= N; i += 8) acc += load8(r + i) * load8(r + i);
+    float ss = hsum8(acc);
+    for (; i < N; i++) ss += r[i] * r[i];
+    const float inv = 1.0f / __builtin_sqrtf(ss / (float)N + eps);
+    for (int64_t i = 0; i < N; i++) o[i] = w[i] * (r[i] * inv);
+}
+
 void tureen_rms_norm_f32(const float *x, int64_t x_stride, float *residual, const float *w, float *out,
                          int64_t T, int64_t N, float eps, int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (int64_t t = 0; t < T; t++) {
-        const float *in = x + t * x_stride;
-        const float *r = in;
-        if (residual) {
-            float *res = residual + t * N;
-            for (int64_t i = 0; i < N; i++) res[i] += in[i];
-            r = res;
-        }
-        v8 acc = {0};
-        int64_t i = 0;
-        for (; i + 8 <= N; i += 8) acc += load8(r + i) * load8(r + i);
-        float ss = hsum8(acc);
-        for (; i < N; i++) ss += r[i] * r[i];
-        float *o = out + t * N;
-        const float inv = 1.0f / __builtin_sqrtf(ss / (float)N + eps);
-        for (int64_t i = 0; i < N; i++) o[i] = w[i] * (r[i] * inv);
-    }
+    for (int64_t t = 0; t < T; t++) norm_row(x + t * x_stride, residual ? residual + t * N : 0, w, out + t * N, N, eps);
 }
 
 /* ---- 3. silu(gate) * up ----------------------------------------------------------------------
@@ -165,21 +168,22 @@ void tureen_silu_mul_f32(const float *gate_up, float *out, int64_t T, int64_t I,
  * x (T, heads, D): row t at x + t * row_stride, heads contiguous. cos, sin (T, D) contiguous.
  * x[:half] <- x[:half] * cos[:half] - x[half:] * sin[:half]
  * x[half:] <- x[half:] * cos[half:] + x[:half] * sin[half:] */
-void tureen_rope_f32(float *x, int64_t row_stride, int64_t T, int64_t heads, int64_t D, const float *cos,
-                     const float *sin, int num_threads) {
+static inline void rope_row(float *row, int64_t heads, int64_t D, const float *c, const float *s) {
     const int64_t half = D / 2;
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (int64_t t = 0; t < T; t++) {
-        const float *c = cos + t * D, *s = sin + t * D;
-        for (int64_t h = 0; h < heads; h++) {
-            float *a = x + t * row_stride + h * D, *b = a + half;
-            for (int64_t i = 0; i < half; i++) {
-                const float x1 = a[i], x2 = b[i];
-                a[i] = x1 * c[i] - x2 * s[i];
-                b[i] = x2 * c[half + i] + x1 * s[half + i];
-            }
+    for (int64_t h = 0; h < heads; h++) {
+        float *a = row + h * D, *b = a + half;
+        for (int64_t i = 0; i < half; i++) {
+            const float x1 = a[i], x2 = b[i];
+            a[i] = x1 * c[i] - x2 * s[i];
+            b[i] = x2 * c[half + i] + x1 * s[half + i];
         }
     }
+}
+
+void tureen_rope_f32(float *x, int64_t row_stride, int64_t T, int64_t heads, int64_t D, const float *cos,
+                     const float *sin, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int64_t t = 0; t < T; t++) rope_row(x + t * row_stride, heads, D, cos + t * D, sin + t * D);
 }
 
 /* ---- 5. KV cache write -------------------------------------------------------------------------
@@ -290,39 +294,157 @@ static void linear_tile_rows(int rows, const float *x, int64_t ldx, const float 
 #undef TILE
 }
 
+/* Rows of one row block that fit the L2 cache with a K block of a panel. */
+static int64_t linear_row_block(int64_t K, int gate_up) {
+    const int64_t k_block = gate_up ? K : K_BLOCK;
+    const int64_t rb = 192 * 1024 / (int64_t)sizeof(float) / (K < k_block ? K : k_block) / TILE_ROWS * TILE_ROWS;
+    return rb < TILE_ROWS ? TILE_ROWS : rb;
+}
+
+static inline int64_t linear_panels(int64_t N, int gate_up) { return gate_up ? N / PANEL : (N + PANEL - 1) / PANEL; }
+
+/* Panel p of rows [m0, m1): out is row m0's first column of the panel, rows ld_out apart. */
+static void linear_panel(const float *x, int64_t ldx, float *out, int64_t ld_out, int64_t m0, int64_t m1,
+                         const float *packed, const float *packed_bias, int64_t N, int64_t K, int gate_up, int64_t p) {
+    const int64_t panels = linear_panels(N, gate_up), ldy = gate_up ? N / 2 : N, k_block = gate_up ? K : K_BLOCK;
+    const int panel_cols = gate_up ? PANEL / 2 : PANEL;
+    const int64_t tiles = (m1 - m0 + TILE_ROWS - 1) / TILE_ROWS;
+    const float *panel = packed + p * K * PANEL;
+    const int cols = ldy - p * panel_cols < panel_cols ? (int)(ldy - p * panel_cols) : panel_cols;
+    const int prefetch_next = m0 == 0 && p + 1 < panels;
+    for (int64_t k0 = 0; k0 < K; k0 += k_block) {
+        const int64_t kc = K - k0 < k_block ? K - k0 : k_block;
+        const int64_t share = (kc + tiles - 1) / tiles; /* next-panel rows each tile prefetches */
+        for (int64_t t = 0; t < tiles; t++) {
+            const int64_t i = m0 + t * TILE_ROWS, first = t * share;
+            const int64_t n = !prefetch_next || first >= kc ? 0 : (kc - first < share ? kc - first : share);
+            linear_tile_rows(m1 - i < TILE_ROWS ? (int)(m1 - i) : TILE_ROWS, x + i * ldx + k0, ldx, panel + k0 * PANEL,
+                             kc, out + t * TILE_ROWS * ld_out, ld_out, cols, gate_up,
+                             packed_bias ? packed_bias + p * PANEL : 0, k0 > 0, n ? panel + (K + k0 + first) * PANEL : 0,
+                             n);
+        }
+    }
+}
+
 /* x (M, K), rows ldx apart, each dense; packed, packed_bias (or NULL) from tureen_pack_linear_f32
  * with the same N, K and gate_up; y contiguous, (M, N) or (M, N / 2) for gate_up. The weight's
  * arguments come last (but for the thread count): the binding keeps them in one tuple. */
 void tureen_linear_f32(const float *x, int64_t ldx, float *y, int64_t M, const float *packed,
                        const float *packed_bias, int64_t N, int64_t K, int gate_up, int num_threads) {
-    const int64_t panels = gate_up ? N / PANEL : (N + PANEL - 1) / PANEL;
-    const int64_t ldy = gate_up ? N / 2 : N, k_block = gate_up ? K : K_BLOCK;
+    const int64_t panels = linear_panels(N, gate_up), ldy = gate_up ? N / 2 : N, row_block = linear_row_block(K, gate_up);
     const int panel_cols = gate_up ? PANEL / 2 : PANEL;
-    int64_t row_block = 192 * 1024 / (int64_t)sizeof(float) / (K < k_block ? K : k_block) / TILE_ROWS * TILE_ROWS;
-    if (row_block < TILE_ROWS) row_block = TILE_ROWS;
     const int nt = num_threads > 0 ? num_threads : 1;
     PanelRange ranges[nt];
     for (int64_t m0 = 0; m0 < M; m0 += row_block) {
         const int64_t m1 = m0 + row_block < M ? m0 + row_block : M;
-        const int64_t tiles = (m1 - m0 + TILE_ROWS - 1) / TILE_ROWS;
         panel_ranges_init(ranges, nt, panels);
 #pragma omp parallel num_threads(nt)
-        for (int64_t p, self = panel_thread(); (p = panel_next(ranges, nt, (int)self)) >= 0;) {
-            const float *panel = packed + p * K * PANEL;
-            const int cols = ldy - p * panel_cols < panel_cols ? (int)(ldy - p * panel_cols) : panel_cols;
-            const int prefetch_next = m0 == 0 && p + 1 < panels;
-            for (int64_t k0 = 0; k0 < K; k0 += k_block) {
-                const int64_t kc = K - k0 < k_block ? K - k0 : k_block;
-                const int64_t share = (kc + tiles - 1) / tiles; /* next-panel rows each tile prefetches */
-                for (int64_t t = 0; t < tiles; t++) {
-                    const int64_t i = m0 + t * TILE_ROWS, first = t * share;
-                    const int64_t n = !prefetch_next || first >= kc ? 0 : (kc - first < share ? kc - first : share);
-                    linear_tile_rows(m1 - i < TILE_ROWS ? (int)(m1 - i) : TILE_ROWS, x + i * ldx + k0, ldx,
-                                     panel + k0 * PANEL, kc, y + i * ldy + p * panel_cols, ldy, cols, gate_up,
-                                     packed_bias ? packed_bias + p * PANEL : 0, k0 > 0,
-                                     n ? panel + (K + k0 + first) * PANEL : 0, n);
-                }
-            }
-        }
+        for (int64_t p, self = panel_thread(); (p = panel_next(ranges, nt, (int)self)) >= 0;)
+            linear_panel(x, ldx, y + m0 * ldy + p * panel_cols, ldy, m0, m1, packed, packed_bias, N, K, gate_up, p);
     }
+}
+
+/* ---- 7. the same kernels as tasks of pool.h (tasks.h) ----------------------------------------- */
+
+#define ARGS(T, op) ((const T *)(const void *)(op)->args)
+_Static_assert(sizeof(NormArgs) <= TP_ARGS * 8 && sizeof(LinearArgs) <= TP_ARGS * 8 &&
+                   sizeof(RopeKvArgs) <= TP_ARGS * 8 && sizeof(AttentionArgs) <= TP_ARGS * 8,
+               "task arguments must fit TpOp.args");
+
+/* priv: the output row, then the updated residual row. */
+static void norm_task(const TpOp *op, int64_t t, float *priv) {
+    const NormArgs *a = ARGS(NormArgs, op);
+    float *res = a->residual ? priv + a->N : 0;
+    if (res) memcpy(res, a->residual + t * a->N, sizeof(float) * a->N);
+    norm_row(a->x + t * a->x_stride, res, a->w, priv, a->N, a->eps);
+}
+
+static void norm_commit(const TpOp *op, int64_t t, const float *priv) {
+    const NormArgs *a = ARGS(NormArgs, op);
+    memcpy(a->out + t * a->N, priv, sizeof(float) * a->N);
+    if (a->residual) memcpy(a->residual + t * a->N, priv + a->N, sizeof(float) * a->N);
+}
+
+TpOp tp_norm(NormArgs a, int64_t T) {
+    TpOp op = {.ntasks = T, .priv_floats = 2 * a.N, .task = norm_task, .commit = norm_commit};
+    memcpy(op.args, &a, sizeof a);
+    return op;
+}
+
+/* One task per panel; priv: (m1 - m0) rows of 16 floats. */
+static void linear_task(const TpOp *op, int64_t p, float *priv) {
+    const LinearArgs *a = ARGS(LinearArgs, op);
+    linear_panel(a->x, a->ldx, priv, PANEL, a->m0, a->m1, a->packed, a->bias, a->N, a->K, a->gate_up, p);
+}
+
+static void linear_commit(const TpOp *op, int64_t p, const float *priv) {
+    const LinearArgs *a = ARGS(LinearArgs, op);
+    const int64_t ldy = a->gate_up ? a->N / 2 : a->N, panel_cols = a->gate_up ? PANEL / 2 : PANEL;
+    const int64_t cols = ldy - p * panel_cols < panel_cols ? ldy - p * panel_cols : panel_cols;
+    for (int64_t i = a->m0; i < a->m1; i++)
+        memcpy(a->y + i * ldy + p * panel_cols, priv + (i - a->m0) * PANEL, sizeof(float) * cols);
+}
+
+int64_t tp_linear(TpOp *ops, const float *x, int64_t ldx, float *y, int64_t M, const float *packed,
+                  const float *packed_bias, int64_t N, int64_t K, int gate_up) {
+    const int64_t row_block = linear_row_block(K, gate_up), panels = linear_panels(N, gate_up);
+    int64_t k = 0;
+    for (int64_t m0 = 0; m0 < M; m0 += row_block, k++) {
+        const LinearArgs a = {x, ldx, y, m0, m0 + row_block < M ? m0 + row_block : M, packed, packed_bias, N, K, gate_up};
+        ops[k] = (TpOp){.ntasks = panels, .priv_floats = (a.m1 - m0) * PANEL, .task = linear_task,
+                        .commit = linear_commit};
+        memcpy(ops[k].args, &a, sizeof a);
+    }
+    return k;
+}
+
+int64_t tp_linear_ops(int64_t M, int64_t K, int gate_up) {
+    const int64_t row_block = linear_row_block(K, gate_up);
+    return (M + row_block - 1) / row_block;
+}
+
+/* Rotary embedding of row t's q and k heads (in priv), then q, k back and k, v into the cache. */
+static void rope_kv_task(const TpOp *op, int64_t t, float *priv) {
+    const RopeKvArgs *a = ARGS(RopeKvArgs, op);
+    memcpy(priv, a->qkv + t * a->stride, sizeof(float) * (a->H + a->Hkv) * a->D);
+    rope_row(priv, a->H + a->Hkv, a->D, a->cos + t * a->D, a->sin + t * a->D);
+}
+
+static void rope_kv_commit(const TpOp *op, int64_t t, const float *priv) {
+    const RopeKvArgs *a = ARGS(RopeKvArgs, op);
+    const int64_t hd = a->H * a->D, kvd = a->Hkv * a->D;
+    float *row = a->qkv + t * a->stride;
+    memcpy(row, priv, sizeof(float) * (hd + kvd));
+    memcpy(a->k_cache + a->slots[t] * kvd, priv + hd, sizeof(float) * kvd);
+    memcpy(a->v_cache + a->slots[t] * kvd, row + hd + kvd, sizeof(float) * kvd);
+}
+
+TpOp tp_rope_kv(RopeKvArgs a, int64_t T) {
+    TpOp op = {.ntasks = T, .priv_floats = (a.H + a.Hkv) * a.D, .task = rope_kv_task, .commit = rope_kv_commit};
+    memcpy(op.args, &a, sizeof a);
+    return op;
+}
+
+/* One task per sequence; priv: out (H, D), then scores (H, longest), acc (H, D), sums (H). */
+static void attention_task(const TpOp *op, int64_t i, float *priv) {
+    const AttentionArgs *a = ARGS(AttentionArgs, op);
+    const int64_t ctx = a->context_lens[i], first = (a->window > 0 && ctx > a->window) ? ctx - a->window : 0;
+    const int64_t H = a->dims.H, D = a->dims.D;
+    if (ctx > 0)
+        attend_sequence(a->q + i * a->q_stride, a->k_cache, a->v_cache, a->block_tables + i * a->max_blocks, first,
+                        ctx, priv, a->dims, priv + H * D, priv + H * (D + a->longest), priv + H * (2 * D + a->longest));
+}
+
+static void attention_commit(const TpOp *op, int64_t i, const float *priv) {
+    const AttentionArgs *a = ARGS(AttentionArgs, op);
+    if (a->context_lens[i] > 0) memcpy(a->out + i * a->out_stride, priv, sizeof(float) * a->dims.H * a->dims.D);
+}
+
+TpOp tp_attention(AttentionArgs a, int64_t n) {
+    a.longest = 1;
+    for (int64_t i = 0; i < n; i++) a.longest = a.context_lens[i] > a.longest ? a.context_lens[i] : a.longest;
+    TpOp op = {.ntasks = n, .priv_floats = a.dims.H * (2 * a.dims.D + a.longest + 1), .task = attention_task,
+               .commit = attention_commit};
+    memcpy(op.args, &a, sizeof a);
+    return op;
 }
