@@ -169,6 +169,12 @@ class DeviceConfig:
         "its quantization or the KV cache dtype is not supported) or layers (layer by layer from Python, "
         "like prefill).",
         choices=["native", "layers"]))
+    decode_runtime: str = field(default="pool", metadata=_help(
+        "How the native decode step's threads share its work: pool (tureen's own threads run the whole step "
+        "as one program; a thread that another process has taken the core of is not waited for, its task "
+        "is recomputed by the others) or openmp (one OpenMP region per kernel, each waiting for every "
+        "thread). Both give the same tokens. With pool, sampling after such a step runs on one thread.",
+        choices=["pool", "openmp"]))
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -177,6 +183,8 @@ class DeviceConfig:
             raise ConfigError(f"cpu_kernels must be auto, on or off, got {self.cpu_kernels!r}")
         if self.decode_stack not in ("native", "layers"):
             raise ConfigError(f"decode_stack must be native or layers, got {self.decode_stack!r}")
+        if self.decode_runtime not in ("pool", "openmp"):
+            raise ConfigError(f"decode_runtime must be pool or openmp, got {self.decode_runtime!r}")
 
 
 STRUCTURED_OUTPUTS_BACKENDS = ["auto", "xgrammar"]

@@ -68,6 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", default="32,64", help="Comma-separated stream counts (default: 32,64).")
     p.add_argument("--max-model-len", type=int, default=1024, help="Engine max_model_len (default: 1024).")
     p.add_argument("--kv-cache-memory", default="2GiB", help="Engine KV-cache budget (default: 2GiB).")
+    p.add_argument("--decode-runtime", choices=["pool", "openmp"], default="pool",
+                   help="The engine's decode_runtime, offline and served alike (default: pool).")
     p.add_argument("--repeat", type=int, default=1,
                    help="Rounds; each runs every level offline and over HTTP back to back, HTTP first in every "
                         "second round so that drift cancels over an even count (default: 1).")
@@ -90,7 +92,7 @@ def build_levels(args: argparse.Namespace) -> list[Level]:
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     return {"max_num_seqs": max(_levels(args)), "max_model_len": args.max_model_len,
-            "kv_cache_memory": args.kv_cache_memory}
+            "kv_cache_memory": args.kv_cache_memory, "decode_runtime": args.decode_runtime}
 
 
 # ------------------------------------------------------------------------------------ offline
@@ -169,7 +171,7 @@ def start_server(args: argparse.Namespace, port: int, log) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "tureen.cli", "serve", *([args.model] if args.model else []),
            "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", str(kw["max_num_seqs"]),
            "--max-model-len", str(kw["max_model_len"]), "--kv-cache-memory", str(kw["kv_cache_memory"]),
-           "--disable-uvicorn-access-log", "--max-queue-len", "1024"]
+           "--decode-runtime", kw["decode_runtime"], "--disable-uvicorn-access-log", "--max-queue-len", "1024"]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
 

@@ -44,6 +44,9 @@ class NullTimer:
     def add(self, phase: str, wall_s: float, cpu_s: float = 0.0) -> None:
         pass
 
+    def move(self, src: str, dst: str, wall_s: float, cpu_s: float = 0.0) -> None:
+        pass
+
     def end_step(self) -> None:
         pass
 
@@ -86,6 +89,12 @@ class StepTimer:
         total.wall_s += wall_s
         total.cpu_s += cpu_s
         total.count += 1
+
+    def move(self, src: str, dst: str, wall_s: float, cpu_s: float = 0.0) -> None:
+        """Charge to ``dst`` a time that a lap of ``src`` already counted (the native decode step's
+        LM head, which runs in the same call as its layers)."""
+        self.add(src, -wall_s, -cpu_s)
+        self.add(dst, wall_s, cpu_s)
 
     def end_step(self) -> None:
         self.steps += 1

@@ -38,6 +38,7 @@ never tries. None of this applies on CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -50,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -180,6 +182,9 @@ class CpuOps:
         self._w8a8_isa = self._bind(lib.tureen_w8a8_set_isa, i32, [i32])
 
         self._decode_stack = self._bind(lib.tureen_decode_stack_f32, i32, [_PTR, _PTR, i32])
+        self._pool_stats = self._bind(lib.tureen_pool_stats, None, [_PTR])
+        self._pool_debug_stall = self._bind(lib.tureen_pool_debug_stall, None, [_I64, _I64])
+        self._pool_debug_hold = self._bind(lib.tureen_pool_debug_hold, None, [ctypes.c_int])
         self._stack_layout = self._bind(lib.tureen_decode_stack_layout, _I64, [_I64])
 
     @staticmethod
@@ -259,6 +264,27 @@ class CpuOps:
                                 out.stride(0), n, h, hkv, d, bs, window or 0, scale, fmt, torch.get_num_threads())
         if rc != 0:
             raise MemoryError("paged attention kernel could not allocate its scratch buffers")
+
+    def pool_stats(self) -> dict[str, int]:
+        """csrc/pool.c's counters since load: tasks recomputed for a late thread, results dropped, and
+        calls that ran on their own thread because another call held the pool."""
+        out = (ctypes.c_int64 * 3)()
+        self._pool_stats(out)
+        return {"steals": out[0], "dropped": out[1], "alone": out[2]}
+
+    def pool_debug_stall(self, every: int, ns: int) -> None:
+        """Test only: a pool worker sleeps ``ns`` at every ``every``-th of its stall points (after taking
+        a task, and before committing one), as a thread whose core another process took would (0: off)."""
+        self._pool_debug_stall(every, ns)
+
+    @contextlib.contextmanager
+    def pool_debug_held(self) -> Iterator[None]:
+        """Test only: hold csrc/pool.c's pool, as another thread's call would; calls meanwhile run alone."""
+        self._pool_debug_hold(1)
+        try:
+            yield
+        finally:
+            self._pool_debug_hold(0)
 
     def decode_stack(self, step: ctypes.Structure, layers: ctypes.Array) -> None:
         """One pure-decode step through every layer (``csrc/decode_stack.c``). ``step`` and ``layers``

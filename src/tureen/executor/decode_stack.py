@@ -27,8 +27,10 @@ exactly the tokens decoded one by one. Prefills and mixed steps take the module 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -58,7 +60,8 @@ class _Step(ctypes.Structure):
                                           "max_blocks")] + [
         ("eps", _F32), ("scale", _F32), ("final_norm", _P), ("cos", _P), ("sin", _P), ("slots", _P),
         ("block_tables", _P), ("context_lens", _P), ("residual", _P), ("h", _P), ("x", _P), ("qkv", _P),
-        ("attn", _P), ("act", _P), ("layer_wall_ns", _P), ("layer_cpu_ns", _P)]
+        ("attn", _P), ("act", _P), ("layer_wall_ns", _P), ("layer_cpu_ns", _P), ("runtime", _I64),
+        ("lm_head", _Linear), ("logits", _P)]
 
 
 def native_packed(layer) -> PackedLinear | PackedQuantLinear | None:
@@ -99,6 +102,36 @@ def unsupported_reason(model, kv_caches: list) -> str | None:
             if (proj is layer.mlp.gate_up_proj) != packed.gate_up:
                 return "the gate/up projection does not fuse its activation"
     return None
+
+
+@dataclass(frozen=True)
+class DecodeRuntime:
+    """How a native decode step's threads share its work (``decode_runtime``; csrc/decode_stack.c).
+
+    ``pool`` runs the step as one program on csrc/pool.h's threads, which do not wait for a thread
+    that has lost its core; ``openmp`` opens one OpenMP region per kernel. OpenMP's idle threads
+    spin for milliseconds after each region, taking a core from the pool's threads, so with ``pool``
+    the torch work between steps (sampling) runs on one thread (``torch_threads``)."""
+
+    name: str
+    code: int  # RUNTIME_* in csrc/decode_stack.c
+    single_thread_torch: bool
+
+    @contextlib.contextmanager
+    def torch_threads(self) -> Iterator[None]:
+        """Torch's intra-op threads for the work around a step: one for ``pool``, unchanged for ``openmp``."""
+        if not self.single_thread_torch:
+            yield
+            return
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(n)
+
+
+DECODE_RUNTIMES = {r.name: r for r in (DecodeRuntime("pool", 1, True), DecodeRuntime("openmp", 0, False))}
 
 
 class DecodeInputs:
@@ -176,8 +209,9 @@ class _Scratch:
 class NativeDecodeStack:
     """Runs decode steps of ``model`` (one row per token) through ``tureen_decode_stack_f32``."""
 
-    def __init__(self, model, kv_caches: list[Tensor], ops: CpuOps, block_size: int) -> None:
-        self.model, self.ops, self.block_size = model, ops, block_size
+    def __init__(self, model, kv_caches: list[Tensor], ops: CpuOps, block_size: int,
+                 runtime: DecodeRuntime = DECODE_RUNTIMES["pool"]) -> None:
+        self.model, self.ops, self.block_size, self.runtime = model, ops, block_size, runtime
         a = model.args
         first = model.model.layers[0].self_attn.spec
         self.hidden, self.H, self.Hkv, self.D = a.hidden_size, first.num_heads, first.num_kv_heads, first.head_dim
@@ -193,18 +227,28 @@ class NativeDecodeStack:
         self._scratch = _Scratch(0, {})
         self._step: _Step | None = None
         self._step_key: tuple = ()
-        self.layer_wall_ns = torch.zeros(self.num_layers, dtype=torch.int64)
-        self.layer_cpu_ns = torch.zeros(self.num_layers, dtype=torch.int64)
+        # The LM head runs in the same call when a native kernel holds it (else the runner's module).
+        head = native_packed(model.lm_head)
+        self.lm_head = _linear_desc(head) if head is not None and not head.gate_up else _Linear()
+        self.vocab_size = head.rows if head is not None else 0
+        # The pool runs float32 weights only; quantized ones stay on OpenMP.
+        linears = [L.qkv for L in self.layers] + [L.o for L in self.layers] + [L.gate_up for L in self.layers] + [
+            L.down for L in self.layers] + ([self.lm_head] if self.lm_head.weight else [])
+        self.pooled = runtime.name == "pool" and all(w.bits == 32 for w in linears)
+        # Per layer, then the final norm and LM head.
+        self.layer_wall_ns = torch.zeros(self.num_layers + 1, dtype=torch.int64)
+        self.layer_cpu_ns = torch.zeros(self.num_layers + 1, dtype=torch.int64)
 
     @classmethod
-    def build(cls, model, kv_caches: list, ops: CpuOps | None, block_size: int) -> "NativeDecodeStack | None":
+    def build(cls, model, kv_caches: list, ops: CpuOps | None, block_size: int,
+              runtime: DecodeRuntime = DECODE_RUNTIMES["pool"]) -> "NativeDecodeStack | None":
         """The native stack for this model, or None (logged) when some part of it is unsupported."""
         reason = "the native CPU kernels are not loaded" if ops is None or not hasattr(ops, "decode_stack") else \
             unsupported_reason(model, kv_caches)
         if reason is not None:
             logger.info("decode steps run layer by layer (native decode stack not used: %s)", reason)
             return None
-        return cls(model, kv_caches, ops, block_size)
+        return cls(model, kv_caches, ops, block_size, runtime)
 
     def _layer_desc(self, layer, cache: Tensor) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
@@ -241,19 +285,23 @@ class NativeDecodeStack:
                                self.rope.cos.data_ptr(), self.rope.sin.data_ptr(), inputs.scalars[2].data_ptr(),
                                inputs.table.data_ptr(), inputs.scalars[3].data_ptr(), t["residual"].data_ptr(),
                                t["h"].data_ptr(), t["x"].data_ptr(), t["qkv"].data_ptr(), t["attn"].data_ptr(),
-                               t["act"].data_ptr(), 0, 0)
+                               t["act"].data_ptr(), 0, 0, self.runtime.code if self.pooled else 0, self.lm_head, 0)
             self._step_key = key
         self._step.n = n
         return self._step
 
-    def forward(self, n: int, timer: NullTimer | StepTimer = NULL_TIMER) -> Tensor:
-        """The final normalised hidden states (n, hidden) of the step ``prepare`` filled, one row
-        per token in request order. With an enabled ``timer``, each layer's time is charged to ``layer.<i>``."""
+    def forward(self, n: int, timer: NullTimer | StepTimer = NULL_TIMER) -> tuple[Tensor, Tensor | None]:
+        """The step ``prepare`` filled, one row per token in request order: the final normalised
+        hidden states (n, hidden), and the logits (n, vocab) float32 when the LM head runs here
+        (None: the caller projects the hidden states). With an enabled ``timer``, each layer's time
+        is charged to ``layer.<i>``; ``charge_head`` then moves the LM head's to ``logits``."""
         scalars = self.inputs.scalars
         self.rope.gather(scalars[1, :n], self.inputs.max_position)
         step = self._step_args(n)
         t = self._scratch.tensors
         torch.index_select(self.embed, 0, scalars[0, :n], out=t["residual"][:n])
+        logits = torch.empty(n, self.vocab_size) if self.lm_head.weight else None
+        step.logits = 0 if logits is None else logits.data_ptr()
         timed = timer.enabled
         if timed:
             self.layer_wall_ns.zero_()
@@ -262,9 +310,19 @@ class NativeDecodeStack:
         self.ops.decode_stack(step, self.layers)
         if timed:
             step.layer_wall_ns = step.layer_cpu_ns = 0
-            for i, (wall, cpu) in enumerate(zip(self.layer_wall_ns.tolist(), self.layer_cpu_ns.tolist())):
+            times = list(zip(self.layer_wall_ns.tolist(), self.layer_cpu_ns.tolist()))
+            for i, (wall, cpu) in enumerate(times[:-1]):
                 timer.add(f"layer.{i}", wall * 1e-9, cpu * 1e-9)
-        return t["h"][:n]
+        return t["h"][:n], logits
+
+    def sampling_threads(self) -> contextlib.AbstractContextManager:
+        """The torch threads for the sampling after a step (one while the pool runs the steps)."""
+        return self.runtime.torch_threads() if self.pooled else contextlib.nullcontext()
+
+    def charge_head(self, timer: NullTimer | StepTimer) -> None:
+        """Move the final norm's and LM head's time of the last timed ``forward`` from ``forward`` to ``logits``."""
+        if timer.enabled:
+            timer.move("forward", "logits", self.layer_wall_ns[-1].item() * 1e-9, self.layer_cpu_ns[-1].item() * 1e-9)
 
 
 class RopeTable:
@@ -292,4 +350,5 @@ class RopeTable:
         torch.index_select(self.table_sin, 0, positions, out=self.sin[:n])
 
 
-__all__ = ["NativeDecodeStack", "DecodeInputs", "native_packed", "unsupported_reason"]
+__all__ = ["DECODE_RUNTIMES", "DecodeInputs", "DecodeRuntime", "NativeDecodeStack", "native_packed",
+           "unsupported_reason"]

@@ -9,6 +9,7 @@ its last 1 + k when it carries k drafted tokens to verify), and hands those logi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from tureen.errors import ConfigError, InvalidRequestError
 from tureen.executor.attention import (KV_CACHE_TORCH_DTYPES, KV_SCALE_BYTES, AttentionMetadata, KVCache,
                                       QuantizedKVCache, Workspace, build_attention_metadata)
 from tureen.executor.cpu_kernels import empty_with_huge_pages, load_cpu_ops, onednn_linear_available
-from tureen.executor.decode_stack import NativeDecodeStack
+from tureen.executor.decode_stack import DECODE_RUNTIMES, NativeDecodeStack
 from tureen.executor.loader import load_hf_config, load_model, model_args, resolve_dtype
 from tureen.executor.quantization import LinearBackend
 from tureen.executor.quantization.config import check_activation, resolve_quantization
@@ -97,6 +98,7 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.kv_caches: list[KVCache] = []
         self.decode_stack: NativeDecodeStack | None = None  # set with the KV cache
+        self.decode_runtime = DECODE_RUNTIMES[config.device.decode_runtime]
         self.workspace = Workspace()
         self.sampler = Sampler()
         self._step_timer: NullTimer | StepTimer = NULL_TIMER
@@ -196,7 +198,8 @@ class ModelRunner:
 
     def _build_decode_stack(self) -> None:
         """The native decode path over the caches just allocated (None: decode runs layer by layer)."""
-        self.decode_stack = (NativeDecodeStack.build(self.model, self.kv_caches, self.cpu_ops, self.block_size)
+        self.decode_stack = (NativeDecodeStack.build(self.model, self.kv_caches, self.cpu_ops, self.block_size,
+                                                     self.decode_runtime)
                              if self.config.device.decode_stack == "native" else None)
 
     @torch.inference_mode()
@@ -229,12 +232,13 @@ class ModelRunner:
         logits, reqs = self.compute_sample_logits(sched)
         if not reqs:
             return ModelRunnerOutput()
-        if any(r.spec_token_ids for r in reqs):
-            tokens, logprobs = verify_and_sample(self.sampler, logits, reqs, self.vocab_size, self.device,
-                                                 sched.token_bitmask)
-        else:
-            sampled, lps = self._sample(logits, reqs, sched)
-            tokens, logprobs = [[t] for t in sampled], [[lp] for lp in lps]
+        with self.decode_stack.sampling_threads() if self.decode_stack is not None else contextlib.nullcontext():
+            if any(r.spec_token_ids for r in reqs):
+                tokens, logprobs = verify_and_sample(self.sampler, logits, reqs, self.vocab_size, self.device,
+                                                     sched.token_bitmask)
+            else:
+                sampled, lps = self._sample(logits, reqs, sched)
+                tokens, logprobs = [[t] for t in sampled], [[lp] for lp in lps]
         self.step_timer.lap("sampling")
         return ModelRunnerOutput(req_ids=[r.req_id for r in reqs], sampled_token_ids=tokens, logprobs=logprobs)
 
@@ -276,11 +280,14 @@ class ModelRunner:
         timer, stack, reqs = self.step_timer, self.decode_stack, sched.requests
         n = stack.prepare(reqs)
         timer.lap("prepare")
-        hidden = stack.forward(n, timer)  # (n, hidden): each request's rows in turn
+        hidden, logits = stack.forward(n, timer)  # (n, hidden) and (n, vocab) or None: each request's rows in turn
         timer.lap("forward")
-        if n != sum(r.num_sample_rows for r in reqs):  # a catch-up chunk samples at its last row only
-            hidden = hidden[sample_rows(reqs)]
-        logits = self.model.compute_logits(hidden)  # (sample rows, vocab) float32
+        stack.charge_head(timer)
+        rows = sample_rows(reqs) if n != sum(r.num_sample_rows for r in reqs) else None  # a catch-up chunk
+        if logits is None:
+            logits = self.model.compute_logits(hidden if rows is None else hidden[rows])  # (sample rows, vocab) float32
+        elif rows is not None:
+            logits = logits[rows]
         timer.lap("logits")
         return logits, reqs
 

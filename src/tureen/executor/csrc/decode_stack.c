@@ -11,11 +11,19 @@
  *   else:    r += h, x = norm_in(r)
  *   qkv = x Wqkv^T; rope on q and k in place; write k, v to the cache; a = attention(q)
  *   h = a Wo^T; r += h, h = norm_post(r); m = silu(h Wg^T) * (h Wu^T); h = m Wd^T
- * and after the last layer: r += h, h = norm_final(r). Layouts as in the kernels' own comments.
+ * and after the last layer: r += h, h = norm_final(r), and with an LM head, logits = h W_lm^T.
+ * Layouts as in the kernels' own comments.
+ *
+ * Two runtimes run the same kernels: OpenMP (a parallel region per kernel) or pool.h, which runs
+ * the whole step as one program and does not wait for a thread that another process has taken the
+ * core of. Both give the same bits.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+#include "tasks.h"
 
 void tureen_rms_norm_f32(const float *x, int64_t x_stride, float *residual, const float *w, float *out, int64_t T,
                          int64_t N, float eps, int num_threads);
@@ -58,8 +66,13 @@ typedef struct {
     float *residual; /* (n, hidden): the embeddings in, the residual stream out */
     float *h;        /* (n, hidden): the final normalised hidden states out */
     float *x, *qkv, *attn, *act; /* scratch: (n, hidden), (n, (H + 2 Hkv) D), (n, H D), (n, I) */
-    int64_t *layer_wall_ns, *layer_cpu_ns; /* (num_layers,) each, or NULL: per-layer times */
+    int64_t *layer_wall_ns, *layer_cpu_ns; /* (num_layers + 1,) each, or NULL: per-layer times, then the LM head's */
+    int64_t runtime; /* RUNTIME_OPENMP, or RUNTIME_POOL (pool.h; float32 weights only) */
+    TureenLinear lm_head; /* weight NULL: no LM head in this call */
+    float *logits;        /* (n, lm_head.rows) */
 } TureenDecodeStep;
+
+enum { RUNTIME_OPENMP = 0, RUNTIME_POOL = 1 };
 
 /* y (M, out) = x (M, K, rows ldx apart) times one packed weight. Returns 0, or -1 (no scratch). */
 static int run_linear(const TureenLinear *w, const float *x, int64_t ldx, float *y, int64_t M, int nt) {
@@ -96,18 +109,100 @@ static int run_layer(const TureenDecodeStep *s, const TureenLayer *L, int first,
     return run_linear(&L->down, s->act, s->I, s->h, n, nt);
 }
 
-/* Returns 0, or -1 when a kernel could not allocate its scratch (the step's outputs are then garbage). */
-int tureen_decode_stack_f32(const TureenDecodeStep *s, const TureenLayer *layers, int num_threads) {
+/* ---- the same step as a program of pool.h ops ---------------------------------------------- */
+
+static int64_t add_linear(TpOp *ops, const TureenLinear *w, const float *x, int64_t ldx, float *y, int64_t n) {
+    return tp_linear(ops, x, ldx, y, n, (const float *)w->weight, w->bias, w->rows, w->in_features, w->gate_up);
+}
+
+static int64_t layer_ops(const TureenDecodeStep *s, const TureenLayer *L, int first, TpOp *ops) {
+    const int64_t n = s->n, hd = s->H * s->D, kvd = s->Hkv * s->D, qkv_w = hd + 2 * kvd;
+    int64_t k = 0;
+    ops[k++] = first ? tp_norm((NormArgs){s->residual, s->hidden, 0, L->input_norm, s->x, s->hidden, s->eps}, n)
+                     : tp_norm((NormArgs){s->h, s->hidden, s->residual, L->input_norm, s->x, s->hidden, s->eps}, n);
+    k += add_linear(ops + k, &L->qkv, s->x, s->hidden, s->qkv, n);
+    ops[k++] = tp_rope_kv((RopeKvArgs){s->qkv, qkv_w, s->H, s->Hkv, s->D, s->cos, s->sin, L->k_cache, L->v_cache,
+                                       s->slots}, n);
+    const Dims dims = {s->H, s->Hkv, s->D, s->block_size, s->scale};
+    ops[k++] = tp_attention((AttentionArgs){s->qkv, qkv_w, L->k_cache, L->v_cache, s->block_tables, s->max_blocks,
+                                            s->context_lens, s->attn, hd, dims, L->window, 0}, n);
+    k += add_linear(ops + k, &L->o, s->attn, hd, s->h, n);
+    ops[k++] = tp_norm((NormArgs){s->h, s->hidden, s->residual, L->post_norm, s->h, s->hidden, s->eps}, n);
+    k += add_linear(ops + k, &L->gate_up, s->h, s->hidden, s->act, n);
+    k += add_linear(ops + k, &L->down, s->act, s->I, s->h, n);
+    return k;
+}
+
+static int64_t max_layer_ops(const TureenDecodeStep *s, const TureenLayer *L) {
+    return 4 + tp_linear_ops(s->n, L->qkv.in_features, 0) + tp_linear_ops(s->n, L->o.in_features, 0) +
+           tp_linear_ops(s->n, L->gate_up.in_features, 1) + tp_linear_ops(s->n, L->down.in_features, 0);
+}
+
+static int pool_usable(const TureenDecodeStep *s, const TureenLayer *layers) {
+    if (s->runtime != RUNTIME_POOL || (s->lm_head.weight && s->lm_head.bits != 32)) return 0;
     for (int64_t l = 0; l < s->num_layers; l++) {
-        const int timed = s->layer_wall_ns != 0;
-        const int64_t wall = timed ? now_ns(CLOCK_MONOTONIC) : 0, cpu = timed ? now_ns(CLOCK_THREAD_CPUTIME_ID) : 0;
-        if (run_layer(s, layers + l, l == 0, num_threads)) return -1;
+        const TureenLayer *L = layers + l;
+        if (L->qkv.bits != 32 || L->o.bits != 32 || L->gate_up.bits != 32 || L->down.bits != 32) return 0;
+    }
+    return 1;
+}
+
+/* Per-layer times (when asked for): slot l is layer l, slot num_layers the final norm and LM head. */
+typedef struct {
+    int64_t wall, cpu;
+} Mark;
+
+static Mark mark(const TureenDecodeStep *s) {
+    return s->layer_wall_ns ? (Mark){now_ns(CLOCK_MONOTONIC), now_ns(CLOCK_THREAD_CPUTIME_ID)} : (Mark){0, 0};
+}
+
+static void charge(const TureenDecodeStep *s, int64_t slot, Mark m) {
+    if (!s->layer_wall_ns) return;
+    s->layer_wall_ns[slot] += now_ns(CLOCK_MONOTONIC) - m.wall;
+    s->layer_cpu_ns[slot] += now_ns(CLOCK_THREAD_CPUTIME_ID) - m.cpu;
+}
+
+static int64_t head_ops(const TureenDecodeStep *s, TpOp *ops) {
+    ops[0] = tp_norm((NormArgs){s->h, s->hidden, s->residual, s->final_norm, s->h, s->hidden, s->eps}, s->n);
+    return 1 + (s->lm_head.weight ? add_linear(ops + 1, &s->lm_head, s->h, s->hidden, s->logits, s->n) : 0);
+}
+
+/* The step on the pool: one program for the whole step, or one per layer when each layer is timed.
+ * Returns 0, or -1 (no memory). */
+static int pool_step(const TureenDecodeStep *s, const TureenLayer *layers, int num_threads) {
+    int64_t cap = 1 + (s->lm_head.weight ? tp_linear_ops(s->n, s->lm_head.in_features, 0) : 0);
+    for (int64_t l = 0; l < s->num_layers; l++) cap += max_layer_ops(s, layers + l);
+    TpOp *ops = malloc(sizeof(TpOp) * (size_t)cap);
+    if (!ops) return -1;
+    const int timed = s->layer_wall_ns != 0;
+    int64_t k = 0;
+    int rc = 0;
+    for (int64_t l = 0; l <= s->num_layers && !rc; l++) {
+        const Mark m = mark(s);
+        k += l < s->num_layers ? layer_ops(s, layers + l, l == 0, ops + k) : head_ops(s, ops + k);
         if (timed) {
-            s->layer_wall_ns[l] += now_ns(CLOCK_MONOTONIC) - wall;
-            s->layer_cpu_ns[l] += now_ns(CLOCK_THREAD_CPUTIME_ID) - cpu;
+            rc = tp_run(ops, k, num_threads);
+            k = 0;
+            charge(s, l, m);
         }
     }
+    if (!timed) rc = tp_run(ops, k, num_threads);
+    free(ops);
+    return rc;
+}
+
+/* Returns 0, or -1 when a kernel could not allocate its scratch (the step's outputs are then garbage). */
+int tureen_decode_stack_f32(const TureenDecodeStep *s, const TureenLayer *layers, int num_threads) {
+    if (pool_usable(s, layers)) return pool_step(s, layers, num_threads);
+    for (int64_t l = 0; l < s->num_layers; l++) {
+        const Mark m = mark(s);
+        if (run_layer(s, layers + l, l == 0, num_threads)) return -1;
+        charge(s, l, m);
+    }
+    const Mark m = mark(s);
     tureen_rms_norm_f32(s->h, s->hidden, s->residual, s->final_norm, s->h, s->n, s->hidden, s->eps, num_threads);
+    if (s->lm_head.weight && run_linear(&s->lm_head, s->h, s->hidden, s->logits, s->n, num_threads)) return -1;
+    charge(s, s->num_layers, m);
     return 0;
 }
 
