@@ -241,3 +241,19 @@ def test_write_kv_matches_index_copy_and_rejects_slots_outside_the_cache(ops):
     assert torch.equal(cache, expected)
     with pytest.raises(IndexError):
         ops.write_kv(cache, k, v, torch.tensor([3, 9, 0, 24, 14]))
+
+
+@pytest.mark.parametrize("v", [1, 3, 8, 9, 17, 8192, 50257])
+def test_argmax_takes_the_first_maximum_and_counts_nan_as_the_maximum_like_torch(ops, v):
+    g = torch.Generator().manual_seed(v)
+    x = torch.randn(6, v, generator=g)
+    x[1] = 0.0  # all tied: the first
+    x[2] = float("-inf")
+    if v > 3:
+        x[3, v // 2] = x[3, v - 1] = float("nan")  # the first NaN wins
+        x[4, 1] = x[4, v - 2] = x[4].max() + 1  # a tie for the maximum: the first
+    assert ops.argmax(x) == x.argmax(-1).tolist()
+    strided = torch.randn(5, v + 40, generator=g)[:, 20:20 + v]  # rows further apart than they are long
+    assert ops.argmax(strided) == strided.argmax(-1).tolist()
+    with pytest.raises(ValueError):
+        ops.argmax(x[0])  # not (rows, V)

@@ -182,6 +182,7 @@ class CpuOps:
         self._w8a8_isa = self._bind(lib.tureen_w8a8_set_isa, i32, [i32])
 
         self._decode_stack = self._bind(lib.tureen_decode_stack_f32, i32, [_PTR, _PTR, i32])
+        self._argmax = self._bind(lib.tureen_argmax_rows_f32, None, [_PTR, _I64, _I64, _I64, _PTR])
         self._pool_stats = self._bind(lib.tureen_pool_stats, None, [_PTR])
         self._pool_debug_stall = self._bind(lib.tureen_pool_debug_stall, None, [_I64, _I64])
         self._pool_debug_hold = self._bind(lib.tureen_pool_debug_hold, None, [ctypes.c_int])
@@ -264,6 +265,16 @@ class CpuOps:
                                 out.stride(0), n, h, hkv, d, bs, window or 0, scale, fmt, torch.get_num_threads())
         if rc != 0:
             raise MemoryError("paged attention kernel could not allocate its scratch buffers")
+
+    def argmax(self, x: Tensor) -> list[int]:
+        """The index of each row's first maximum (a NaN counts as the maximum), as
+        ``x.argmax(-1).tolist()``, on the calling thread. x (rows, V) float32 with dense rows."""
+        _check_f32("x", x, contiguous=False)
+        if x.dim() != 2 or x.stride(1) != 1 or x.shape[1] == 0:
+            raise ValueError(f"x must be (rows, V) with dense rows and V > 0, got {tuple(x.shape)}")
+        out = torch.empty(x.shape[0], dtype=torch.int64)
+        self._argmax(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], out.data_ptr())
+        return out.tolist()
 
     def pool_stats(self) -> dict[str, int]:
         """csrc/pool.c's counters since load: tasks recomputed for a late thread, results dropped, and

@@ -270,6 +270,8 @@ class ModelRunner:
 
     def _sample(self, logits: Tensor, reqs: list[ScheduledRequest], sched: SchedulerOutput):
         if plain_greedy(reqs, sched.token_bitmask):
+            if self.cpu_ops is not None and logits.dtype == torch.float32 and logits.is_cpu:
+                return self.cpu_ops.argmax(logits), [None] * logits.shape[0]
             return greedy_tokens(logits)
         meta = SamplingMetadata.from_requests(reqs, self.vocab_size, self.device, sched.token_bitmask)
         return self.sampler(logits, meta)

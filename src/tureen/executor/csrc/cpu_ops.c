@@ -448,3 +448,39 @@ TpOp tp_attention(AttentionArgs a, int64_t n) {
     memcpy(op.args, &a, sizeof a);
     return op;
 }
+
+/* ---- 8. argmax of each row ---------------------------------------------------------------------
+ *
+ * x (rows, V) rows ld apart -> out[r] = the index of the first maximum of row r, as torch.argmax
+ * (a NaN counts as the maximum: the first NaN's index). One pass for the maximum, one to find it. */
+void tureen_argmax_rows_f32(const float *x, int64_t ld, int64_t rows, int64_t V, int64_t *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = x + r * ld;
+        int64_t j = 0, nan = -1;
+        float best = row[0];
+        if (V >= 8) {
+            v8 m = load8(row);
+            v8i bad = (v8i)(m != m);
+            for (j = 8; j + 8 <= V; j += 8) {
+                const v8 v = load8(row + j);
+                bad |= (v8i)(v != v);
+                m = select8((v8i)(v > m), v, m);
+            }
+            for (int k = 0; k < 8; k++) {
+                best = m[k] > best ? m[k] : best;
+                if (bad[k]) nan = 0;
+            }
+        }
+        for (; j < V; j++) {
+            if (row[j] != row[j]) nan = 0;
+            best = row[j] > best ? row[j] : best;
+        }
+        int64_t at = 0;
+        if (nan >= 0) {
+            while (row[at] == row[at]) at++;
+        } else {
+            while (row[at] != best) at++;
+        }
+        out[r] = at;
+    }
+}
