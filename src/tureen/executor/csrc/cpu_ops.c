@@ -351,38 +351,71 @@ _Static_assert(sizeof(NormArgs) <= TP_ARGS * 8 && sizeof(LinearArgs) <= TP_ARGS 
                    sizeof(RopeKvArgs) <= TP_ARGS * 8 && sizeof(AttentionArgs) <= TP_ARGS * 8,
                "task arguments must fit TpOp.args");
 
-/* priv: the output row, then the updated residual row. */
+/* Row ops take ROW_TASK_FLOATS or so a task (several short rows): a task's claim and commit are a
+ * few atomics, as much as normalising one 384-float row. */
+#define ROW_TASK_FLOATS 4096
+
+static int64_t rows_per_task(int64_t row_floats) {
+    return row_floats >= ROW_TASK_FLOATS ? 1 : ROW_TASK_FLOATS / row_floats;
+}
+
+/* Rows [*lo, *hi) of task t. */
+static void task_rows(int64_t t, int64_t rows, int64_t T, int64_t *lo, int64_t *hi) {
+    *lo = t * rows;
+    *hi = *lo + rows < T ? *lo + rows : T;
+}
+
+/* priv, per row of the task: the output row, then the updated residual row. */
 static void norm_task(const TpOp *op, int64_t t, float *priv) {
     const NormArgs *a = ARGS(NormArgs, op);
-    float *res = a->residual ? priv + a->N : 0;
-    if (res) memcpy(res, a->residual + t * a->N, sizeof(float) * a->N);
-    norm_row(a->x + t * a->x_stride, res, a->w, priv, a->N, a->eps);
+    int64_t lo, hi;
+    task_rows(t, a->rows, a->T, &lo, &hi);
+    for (int64_t r = lo; r < hi; r++, priv += 2 * a->N) {
+        float *res = a->residual ? priv + a->N : 0;
+        if (res) memcpy(res, a->residual + r * a->N, sizeof(float) * a->N);
+        norm_row(a->x + r * a->x_stride, res, a->w, priv, a->N, a->eps);
+    }
 }
 
 static void norm_commit(const TpOp *op, int64_t t, const float *priv) {
     const NormArgs *a = ARGS(NormArgs, op);
-    memcpy(a->out + t * a->N, priv, sizeof(float) * a->N);
-    if (a->residual) memcpy(a->residual + t * a->N, priv + a->N, sizeof(float) * a->N);
+    int64_t lo, hi;
+    task_rows(t, a->rows, a->T, &lo, &hi);
+    for (int64_t r = lo; r < hi; r++, priv += 2 * a->N) {
+        memcpy(a->out + r * a->N, priv, sizeof(float) * a->N);
+        if (a->residual) memcpy(a->residual + r * a->N, priv + a->N, sizeof(float) * a->N);
+    }
 }
 
 TpOp tp_norm(NormArgs a, int64_t T) {
-    TpOp op = {.ntasks = T, .priv_floats = 2 * a.N, .task = norm_task, .commit = norm_commit};
+    a.T = T, a.rows = rows_per_task(a.N);
+    TpOp op = {.ntasks = (T + a.rows - 1) / a.rows, .priv_floats = 2 * a.N * a.rows, .task = norm_task,
+               .commit = norm_commit};
     memcpy(op.args, &a, sizeof a);
     return op;
 }
 
-/* One task per panel; priv: (m1 - m0) rows of 16 floats. */
-static void linear_task(const TpOp *op, int64_t p, float *priv) {
+/* A task is `group` consecutive panels (enough work that the claim and commit cost little when few
+ * rows each stream a whole panel of weights); priv: group x (m1 - m0) rows of 16 floats. */
+#define TASK_FMAS 24576
+
+static void linear_task(const TpOp *op, int64_t t, float *priv) {
     const LinearArgs *a = ARGS(LinearArgs, op);
-    linear_panel(a->x, a->ldx, priv, PANEL, a->m0, a->m1, a->packed, a->bias, a->N, a->K, a->gate_up, p);
+    const int64_t panels = linear_panels(a->N, a->gate_up), rows = a->m1 - a->m0;
+    for (int64_t p = t * a->group, j = 0; p < panels && j < a->group; p++, j++)
+        linear_panel(a->x, a->ldx, priv + j * rows * PANEL, PANEL, a->m0, a->m1, a->packed, a->bias, a->N, a->K,
+                     a->gate_up, p);
 }
 
-static void linear_commit(const TpOp *op, int64_t p, const float *priv) {
+static void linear_commit(const TpOp *op, int64_t t, const float *priv) {
     const LinearArgs *a = ARGS(LinearArgs, op);
+    const int64_t panels = linear_panels(a->N, a->gate_up), rows = a->m1 - a->m0;
     const int64_t ldy = a->gate_up ? a->N / 2 : a->N, panel_cols = a->gate_up ? PANEL / 2 : PANEL;
-    const int64_t cols = ldy - p * panel_cols < panel_cols ? ldy - p * panel_cols : panel_cols;
-    for (int64_t i = a->m0; i < a->m1; i++)
-        memcpy(a->y + i * ldy + p * panel_cols, priv + (i - a->m0) * PANEL, sizeof(float) * cols);
+    for (int64_t p = t * a->group, j = 0; p < panels && j < a->group; p++, j++) {
+        const int64_t cols = ldy - p * panel_cols < panel_cols ? ldy - p * panel_cols : panel_cols;
+        for (int64_t i = 0; i < rows; i++)
+            memcpy(a->y + (a->m0 + i) * ldy + p * panel_cols, priv + (j * rows + i) * PANEL, sizeof(float) * cols);
+    }
 }
 
 int64_t tp_linear(TpOp *ops, const float *x, int64_t ldx, float *y, int64_t M, const float *packed,
@@ -390,9 +423,12 @@ int64_t tp_linear(TpOp *ops, const float *x, int64_t ldx, float *y, int64_t M, c
     const int64_t row_block = linear_row_block(K, gate_up), panels = linear_panels(N, gate_up);
     int64_t k = 0;
     for (int64_t m0 = 0; m0 < M; m0 += row_block, k++) {
-        const LinearArgs a = {x, ldx, y, m0, m0 + row_block < M ? m0 + row_block : M, packed, packed_bias, N, K, gate_up};
-        ops[k] = (TpOp){.ntasks = panels, .priv_floats = (a.m1 - m0) * PANEL, .task = linear_task,
-                        .commit = linear_commit};
+        const int64_t m1 = m0 + row_block < M ? m0 + row_block : M, per_panel = (m1 - m0) * K * PANEL;
+        int64_t group = (TASK_FMAS + per_panel - 1) / per_panel;
+        group = group > 8 ? 8 : group;
+        const LinearArgs a = {x, ldx, y, m0, m1, packed, packed_bias, N, K, gate_up, group};
+        ops[k] = (TpOp){.ntasks = (panels + group - 1) / group, .priv_floats = group * (m1 - m0) * PANEL,
+                        .task = linear_task, .commit = linear_commit};
         memcpy(ops[k].args, &a, sizeof a);
     }
     return k;
@@ -403,24 +439,36 @@ int64_t tp_linear_ops(int64_t M, int64_t K, int gate_up) {
     return (M + row_block - 1) / row_block;
 }
 
-/* Rotary embedding of row t's q and k heads (in priv), then q, k back and k, v into the cache. */
+/* Rotary embedding of each row's q and k heads (in priv), then q, k back and k, v into the cache. */
 static void rope_kv_task(const TpOp *op, int64_t t, float *priv) {
     const RopeKvArgs *a = ARGS(RopeKvArgs, op);
-    memcpy(priv, a->qkv + t * a->stride, sizeof(float) * (a->H + a->Hkv) * a->D);
-    rope_row(priv, a->H + a->Hkv, a->D, a->cos + t * a->D, a->sin + t * a->D);
+    const int64_t width = (a->H + a->Hkv) * a->D;
+    int64_t lo, hi;
+    task_rows(t, a->rows, a->T, &lo, &hi);
+    for (int64_t r = lo; r < hi; r++, priv += width) {
+        memcpy(priv, a->qkv + r * a->stride, sizeof(float) * width);
+        rope_row(priv, a->H + a->Hkv, a->D, a->cos + r * a->D, a->sin + r * a->D);
+    }
 }
 
 static void rope_kv_commit(const TpOp *op, int64_t t, const float *priv) {
     const RopeKvArgs *a = ARGS(RopeKvArgs, op);
     const int64_t hd = a->H * a->D, kvd = a->Hkv * a->D;
-    float *row = a->qkv + t * a->stride;
-    memcpy(row, priv, sizeof(float) * (hd + kvd));
-    memcpy(a->k_cache + a->slots[t] * kvd, priv + hd, sizeof(float) * kvd);
-    memcpy(a->v_cache + a->slots[t] * kvd, row + hd + kvd, sizeof(float) * kvd);
+    int64_t lo, hi;
+    task_rows(t, a->rows, a->T, &lo, &hi);
+    for (int64_t r = lo; r < hi; r++, priv += hd + kvd) {
+        float *row = a->qkv + r * a->stride;
+        memcpy(row, priv, sizeof(float) * (hd + kvd));
+        memcpy(a->k_cache + a->slots[r] * kvd, priv + hd, sizeof(float) * kvd);
+        memcpy(a->v_cache + a->slots[r] * kvd, row + hd + kvd, sizeof(float) * kvd);
+    }
 }
 
 TpOp tp_rope_kv(RopeKvArgs a, int64_t T) {
-    TpOp op = {.ntasks = T, .priv_floats = (a.H + a.Hkv) * a.D, .task = rope_kv_task, .commit = rope_kv_commit};
+    const int64_t width = (a.H + a.Hkv) * a.D;
+    a.T = T, a.rows = rows_per_task(width);
+    TpOp op = {.ntasks = (T + a.rows - 1) / a.rows, .priv_floats = width * a.rows, .task = rope_kv_task,
+               .commit = rope_kv_commit};
     memcpy(op.args, &a, sizeof a);
     return op;
 }

@@ -118,16 +118,16 @@ static int64_t add_linear(TpOp *ops, const TureenLinear *w, const float *x, int6
 static int64_t layer_ops(const TureenDecodeStep *s, const TureenLayer *L, int first, TpOp *ops) {
     const int64_t n = s->n, hd = s->H * s->D, kvd = s->Hkv * s->D, qkv_w = hd + 2 * kvd;
     int64_t k = 0;
-    ops[k++] = first ? tp_norm((NormArgs){s->residual, s->hidden, 0, L->input_norm, s->x, s->hidden, s->eps}, n)
-                     : tp_norm((NormArgs){s->h, s->hidden, s->residual, L->input_norm, s->x, s->hidden, s->eps}, n);
+    ops[k++] = first ? tp_norm((NormArgs){s->residual, s->hidden, 0, L->input_norm, s->x, s->hidden, s->eps, 0, 0}, n)
+                     : tp_norm((NormArgs){s->h, s->hidden, s->residual, L->input_norm, s->x, s->hidden, s->eps, 0, 0}, n);
     k += add_linear(ops + k, &L->qkv, s->x, s->hidden, s->qkv, n);
     ops[k++] = tp_rope_kv((RopeKvArgs){s->qkv, qkv_w, s->H, s->Hkv, s->D, s->cos, s->sin, L->k_cache, L->v_cache,
-                                       s->slots}, n);
+                                       s->slots, 0, 0}, n);
     const Dims dims = {s->H, s->Hkv, s->D, s->block_size, s->scale};
     ops[k++] = tp_attention((AttentionArgs){s->qkv, qkv_w, L->k_cache, L->v_cache, s->block_tables, s->max_blocks,
                                             s->context_lens, s->attn, hd, dims, L->window, 0}, n);
     k += add_linear(ops + k, &L->o, s->attn, hd, s->h, n);
-    ops[k++] = tp_norm((NormArgs){s->h, s->hidden, s->residual, L->post_norm, s->h, s->hidden, s->eps}, n);
+    ops[k++] = tp_norm((NormArgs){s->h, s->hidden, s->residual, L->post_norm, s->h, s->hidden, s->eps, 0, 0}, n);
     k += add_linear(ops + k, &L->gate_up, s->h, s->hidden, s->act, n);
     k += add_linear(ops + k, &L->down, s->act, s->I, s->h, n);
     return k;
@@ -163,7 +163,7 @@ static void charge(const TureenDecodeStep *s, int64_t slot, Mark m) {
 }
 
 static int64_t head_ops(const TureenDecodeStep *s, TpOp *ops) {
-    ops[0] = tp_norm((NormArgs){s->h, s->hidden, s->residual, s->final_norm, s->h, s->hidden, s->eps}, s->n);
+    ops[0] = tp_norm((NormArgs){s->h, s->hidden, s->residual, s->final_norm, s->h, s->hidden, s->eps, 0, 0}, s->n);
     return 1 + (s->lm_head.weight ? add_linear(ops + 1, &s->lm_head, s->h, s->hidden, s->logits, s->n) : 0);
 }
 

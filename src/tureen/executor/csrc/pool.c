@@ -150,9 +150,10 @@ static void publish(uint64_t e, int64_t op, int nt) {
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     const int64_t n = P.program[op].ntasks;
     g->op = op, g->ntasks = n, g->nt = nt;
-    for (int t = 0; t < nt; t++) {
+    for (int t = 0; t < nt; t++) { /* ranges rounded up: an op of one task is the caller's, and stays in its cache */
+        const int64_t lo = (n * t + nt - 1) / nt, hi = (n * (t + 1) + nt - 1) / nt;
         __atomic_store_n(&g->done[t].n, 0, __ATOMIC_RELAXED);
-        __atomic_store_n(&g->ranges[t].word, RANGE(TAG(e), n * t / nt, n * (t + 1) / nt), __ATOMIC_RELAXED);
+        __atomic_store_n(&g->ranges[t].word, RANGE(TAG(e), lo, hi), __ATOMIC_RELAXED);
     }
     store(&g->seq, e);
     __atomic_store_n(&P.advance, e, __ATOMIC_SEQ_CST);

@@ -9,7 +9,7 @@
 #include "pool.h"
 
 /* out[t] = norm(x[t]) or, with residual, residual[t] += x[t] and out[t] = norm(residual[t]).
- * out may alias x. One task per row. */
+ * out may alias x. A task is a few rows (T and rows are set by tp_norm). */
 typedef struct {
     const float *x;
     int64_t x_stride;
@@ -18,11 +18,12 @@ typedef struct {
     float *out;
     int64_t N;
     float eps;
+    int64_t T, rows;
 } NormArgs;
 TpOp tp_norm(NormArgs a, int64_t T);
 
 /* y = x W^T (+ b), or silu(gate) * up: one op per row block (tp_linear_ops of them), one task per
- * panel. Returns the number of ops written to ops. */
+ * group of panels. Returns the number of ops written to ops. */
 typedef struct {
     const float *x;
     int64_t ldx;
@@ -31,19 +32,22 @@ typedef struct {
     const float *packed, *bias;
     int64_t N, K;
     int32_t gate_up;
+    int64_t group; /* panels a task */
 } LinearArgs;
 int64_t tp_linear(TpOp *ops, const float *x, int64_t ldx, float *y, int64_t M, const float *packed,
                   const float *packed_bias, int64_t N, int64_t K, int gate_up);
 int64_t tp_linear_ops(int64_t M, int64_t K, int gate_up);
 
 /* Rotary embedding on row t's q and k heads, in place, then its k and v into cache slot slots[t].
- * qkv rows are stride apart: q (H * D), k (Hkv * D), v (Hkv * D). One task per row. */
+ * qkv rows are stride apart: q (H * D), k (Hkv * D), v (Hkv * D). A task is a few rows (T and rows
+ * are set by tp_rope_kv). */
 typedef struct {
     float *qkv;
     int64_t stride, H, Hkv, D;
     const float *cos, *sin;
     float *k_cache, *v_cache;
     const int64_t *slots;
+    int64_t T, rows;
 } RopeKvArgs;
 TpOp tp_rope_kv(RopeKvArgs a, int64_t T);
 
