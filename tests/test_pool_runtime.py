@@ -3,7 +3,7 @@
 Its point is that a thread another process has taken the core of is not waited for: its task is
 recomputed by the others and its late result dropped. So beyond giving the very bits of the OpenMP
 runtime, it must stay exact and must not hang when a worker is late at the worst moments, which a
-test-only fault makes happen thousands of times a run."""
+test-only fault makes happen dozens of times a run."""
 
 from __future__ import annotations
 

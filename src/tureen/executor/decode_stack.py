@@ -229,7 +229,7 @@ class NativeDecodeStack:
         self._step_key: tuple = ()
         # The LM head runs in the same call when a native kernel holds it (else the runner's module).
         head = native_packed(model.lm_head)
-        self.lm_head = _linear_desc(head) if head is not None and not head.gate_up else _Linear()
+        self.lm_head = _linear_desc(head) if head is not None else _Linear()
         self.vocab_size = head.rows if head is not None else 0
         # The pool runs float32 weights only; quantized ones stay on OpenMP.
         linears = [L.qkv for L in self.layers] + [L.o for L in self.layers] + [L.gate_up for L in self.layers] + [
